@@ -1,0 +1,17 @@
+"""rlkit_rewards: TRL-signature reward functions, importable on their own (no torch at import).
+
+Every reward has TRL's signature ``f(prompts, completions, **columns) -> list[float | None]`` and
+accepts plain-text or conversational completions. ``None`` means "not applicable to this row" (for
+example no gold answer), which TRL turns into NaN and leaves out of the group statistics.
+
+    >>> import rlkit_rewards
+    >>> reward = rlkit_rewards.get("math_accuracy")
+    >>> reward(prompts=["1+1?"], completions=["so \\\\boxed{2}"], answer=["2"])
+    [1.0]
+"""
+
+from .registry import available, get, register
+from . import math as _math  # noqa: F401  (registers the built-in rewards)
+
+__all__ = ["available", "get", "register"]
+__version__ = "0.1.0"

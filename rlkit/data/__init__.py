@@ -1,0 +1,76 @@
+"""Dataset loading for recipes and evaluation.
+
+``load_rows(spec)`` returns normalized rows (``question``, ``answer``, optional ``solution``);
+``build_dataset(spec, tokenizer)`` adds the ``prompt`` column in the chosen template and returns a
+``datasets.Dataset`` ready for TRL. Sources: a known benchmark (``gsm8k``, ``math500``, ``aime24``,
+``amc23``) from the hub or a local jsonl, ``synthetic``, ``jsonl:PATH`` or any hub id (with
+``question_column``/``answer_column`` set).
+"""
+
+from __future__ import annotations
+
+import random
+
+from .benchmarks import BENCHMARKS, DataError, extract_rows, load_hub, local_file, read_jsonl
+from .synthetic import SyntheticConfig, generate
+from .templates import format_prompt
+
+__all__ = ["BENCHMARKS", "DataError", "SyntheticConfig", "build_dataset", "load_rows", "format_prompt",
+           "resolve_template"]
+
+
+def load_rows(spec) -> list[dict]:
+    """Rows for a ``DatasetSpec``-like object (name, path, split, limit, columns, seed, synthetic)."""
+    name = spec.name
+    if name == "synthetic":
+        try:
+            cfg = SyntheticConfig(**(spec.synthetic or {}))
+        except TypeError as e:
+            raise DataError(f"data.synthetic: {e}") from None
+        rows = generate(cfg, split=spec.split, seed=spec.seed)
+    elif name in BENCHMARKS:
+        bench = BENCHMARKS[name]
+        q = spec.question_column or bench.question_column
+        a = spec.answer_column or bench.answer_column
+        s = spec.solution_column if spec.solution_column is not None else bench.solution_column
+        local = local_file(bench, spec.split, spec.path)
+        if local is not None:
+            raw, source = read_jsonl(local), str(local)
+        else:
+            if spec.split not in bench.hub_split:
+                raise DataError(f"{name} has no {spec.split!r} split (splits: {', '.join(bench.hub_split)})")
+            raw, source = load_hub(bench.hub_id, bench.hub_config, bench.hub_split[spec.split]), bench.hub_id
+        rows = extract_rows(raw, q, a, s, bench.gold, source)
+    else:
+        if name.startswith("jsonl:"):
+            raw, source = read_jsonl(name[len("jsonl:"):]), name[len("jsonl:"):]
+        else:
+            raw, source = load_hub(name, None, spec.split), name
+        rows = extract_rows(raw, spec.question_column or "question", spec.answer_column or "answer",
+                            spec.solution_column, None, source)
+    if spec.limit is not None:
+        rows = rows[: spec.limit]
+    if not rows:
+        raise DataError(f"dataset {name!r} (split {spec.split!r}) is empty")
+    return rows
+
+
+def resolve_template(template: str, tokenizer) -> str:
+    if template != "auto":
+        return template
+    return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+
+
+def build_dataset(spec, tokenizer=None, shuffle: bool = False):
+    """A ``datasets.Dataset`` with ``prompt``, ``answer``, ``question`` (and ``solution``) columns."""
+    import datasets
+
+    rows = load_rows(spec)
+    template = resolve_template(spec.template, tokenizer)
+    if template == "chat" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise DataError("data.template is 'chat' but the tokenizer has no chat template; use 'plain' or 'think_answer'")
+    for r in rows:
+        r["prompt"] = format_prompt(r["question"], template, spec.system_prompt)
+    if shuffle:
+        random.Random(spec.seed).shuffle(rows)
+    return datasets.Dataset.from_list(rows)

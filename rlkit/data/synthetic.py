@@ -1,0 +1,80 @@
+"""Synthetic multi-step arithmetic with written step-by-step solutions, generated from a seed.
+
+A problem is a left-to-right chain such as ``37+18-9``; its solution writes one line per operation
+(``37+18=55``, ``55-9=46``) and ends with ``#### 46`` (GSM8K style, so the same answer extraction and
+rewards serve both). Train and test rows come from disjoint problem sets drawn from separate seeds.
+Used for offline runs: the quickstart, the launch tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass
+class SyntheticConfig:
+    """Knobs of the synthetic task. Defaults give 2-3 operations on operands up to 99."""
+
+    num_train: int = 4000
+    num_test: int = 200
+    min_ops: int = 2
+    max_ops: int = 3
+    max_operand: int = 99
+    ops: str = "+-"
+    allow_negative: bool = False
+    """If false, subtractions are drawn so no intermediate result is negative."""
+
+
+def _problem(rng: random.Random, cfg: SyntheticConfig) -> tuple[str, str, int]:
+    n_ops = rng.randint(cfg.min_ops, cfg.max_ops)
+    value = rng.randint(1, cfg.max_operand)
+    question = str(value)
+    lines = []
+    for _ in range(n_ops):
+        op = rng.choice(cfg.ops)
+        if op == "-" and not cfg.allow_negative:
+            operand = rng.randint(0, min(value, cfg.max_operand))
+        elif op == "*":
+            operand = rng.randint(2, 9)
+        else:
+            operand = rng.randint(1, cfg.max_operand)
+        new = value + operand if op == "+" else value - operand if op == "-" else value * operand
+        lines.append(f"{value}{op}{operand}={new}")
+        question += f"{op}{operand}"
+        value = new
+    solution = "\n".join(lines) + f"\n#### {value}"
+    return question, solution, value
+
+
+def generate(cfg: SyntheticConfig | None = None, split: str = "train", seed: int = 0) -> list[dict]:
+    """Rows ``{"question", "solution", "answer"}`` for ``split`` ("train" or "test"), deterministic in seed.
+
+    The test split never contains a train question: test questions are drawn first and reserved.
+    """
+    cfg = cfg or SyntheticConfig()
+    if split not in ("train", "test"):
+        raise ValueError(f"synthetic split must be 'train' or 'test', got {split!r}")
+    bad = set(cfg.ops) - set("+-*")
+    if bad or not cfg.ops:
+        raise ValueError(f"synthetic ops must be drawn from '+-*', got {cfg.ops!r}")
+    test_rng = random.Random(f"rlkit-synthetic-test-{seed}")
+    test, seen = [], set()
+    while len(test) < cfg.num_test:
+        q, s, a = _problem(test_rng, cfg)
+        if q not in seen:
+            seen.add(q)
+            test.append({"question": q, "solution": s, "answer": str(a)})
+    if split == "test":
+        return test
+    train_rng = random.Random(f"rlkit-synthetic-train-{seed}")
+    train = []
+    attempts = 0
+    while len(train) < cfg.num_train:
+        attempts += 1
+        if attempts > 50 * cfg.num_train + 1000:
+            raise ValueError("synthetic task too small for the requested num_train; raise max_operand or max_ops")
+        q, s, a = _problem(train_rng, cfg)
+        if q not in seen:
+            train.append({"question": q, "solution": s, "answer": str(a)})
+    return train

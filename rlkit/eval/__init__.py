@@ -1,0 +1,6 @@
+"""Evaluation: math benchmarks (pass@1 / pass@k / maj@k), a held-out accuracy callback and plots."""
+
+from .callback import HeldOutAccuracyCallback
+from .math_eval import GenerationSettings, evaluate_rows, majority, write_outputs
+
+__all__ = ["GenerationSettings", "HeldOutAccuracyCallback", "evaluate_rows", "majority", "write_outputs"]

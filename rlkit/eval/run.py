@@ -1,0 +1,40 @@
+"""``rlkit eval``: load a model, build a benchmark's prompts, evaluate, write completions and summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data import build_dataset
+from ..recipe import DatasetSpec, ModelSpec
+from .math_eval import GenerationSettings, evaluate_rows, write_outputs
+
+
+def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None = None, samples: int = 0,
+             temperature: float = 0.6, max_new_tokens: int = 512, batch_size: int = 16, backend: str = "hf",
+             template: str = "auto", output_dir: str | None = None, dtype: str = "auto") -> dict:
+    from ..models import load_model, load_tokenizer
+
+    if model == "tiny":
+        raise ValueError("--model tiny is an untrained random model; pass a trained checkpoint folder instead")
+    mspec = ModelSpec(name=model, dtype=dtype)
+    if backend == "vllm":
+        from ..models import BUILTIN_MODELS, builtin_path
+
+        tokenizer, lm = load_tokenizer(mspec), None
+        path = str(builtin_path(model)) if model in BUILTIN_MODELS else model
+    else:
+        lm, tokenizer = load_model(mspec)
+        import torch
+
+        if torch.cuda.is_available():
+            lm = lm.to("cuda")
+        path = model
+    ds = build_dataset(DatasetSpec(name=benchmark, split=split, limit=limit, template=template), tokenizer)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
+                                  backend=backend)
+    summary, records = evaluate_rows(lm, tokenizer, ds.to_list(), settings, samples=samples, model_path=path)
+    summary.update({"model": model, "benchmark": benchmark, "split": split, "backend": backend})
+    out = output_dir or str(Path("runs") / "eval" / f"{Path(model).name}-{benchmark.replace(':', '_').replace('/', '_')}")
+    comp, summ = write_outputs(out, summary, records)
+    summary["outputs"] = {"completions": str(comp), "summary": str(summ)}
+    return summary

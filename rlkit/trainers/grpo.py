@@ -1,0 +1,133 @@
+"""GRPO on TRL, and ``RLKitGRPOTrainer``: the base class that rlkit's RL methods extend.
+
+``method: grpo`` runs TRL's ``GRPOTrainer`` unchanged except for three documented hooks, which are
+no-ops unless a subclass or the caller uses them (so with nothing extra turned on the loss equals
+plain TRL's for the same seed; a test checks the first-step loss):
+
+- ``reward_engine``: an object with ``score(funcs, prompts, completions, completion_ids, columns)``
+  returning ``(scores, statuses)``; ``scores`` is a ``[n, num_funcs]`` list of floats (NaN for "not
+  applicable") and ``statuses`` one string per item (``ok``, ``wrong``, ``unparseable``, ``timeout``,
+  ``error``). When set, it replaces TRL's serial in-process scoring and the status counts are logged
+  each step as ``rewards/status/<status>``. When None, TRL's own ``_calculate_rewards`` runs.
+- ``postprocess_batch(batch, inputs)``: called on every scored generation batch before the loss; a
+  method may replace ``advantages`` by a ``(B, T)`` per-token tensor or add metrics.
+- ``extra_token_mask(batch, inputs)``: an optional ``(B, T)`` 0/1 mask multiplied into TRL's
+  per-token loss mask (TRL's ``tool_mask`` slot).
+
+``log_method_metric(name, value)`` records per-method scalars that TRL logs with its own metrics.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+from accelerate.utils import gather
+from trl import GRPOConfig, GRPOTrainer
+
+from ..recipe import RecipeError
+from .registry import Method
+
+
+class RLKitGRPOTrainer(GRPOTrainer):
+    """TRL ``GRPOTrainer`` with rlkit's hooks (reward engine, per-batch post-processing, extra masks)."""
+
+    def __init__(self, *args, reward_engine: Any = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reward_engine = reward_engine
+
+    # ---- hooks for subclasses --------------------------------------------------------------------
+    def postprocess_batch(self, batch: dict[str, Any], inputs: list[dict]) -> dict[str, Any]:
+        """Modify a scored generation batch (advantages, masks, metrics). Default: unchanged."""
+        return batch
+
+    def extra_token_mask(self, batch: dict[str, Any], inputs: list[dict]) -> torch.Tensor | None:
+        """A ``(B, T)`` mask of completion tokens that enter the loss, or None for all of them."""
+        return None
+
+    def log_method_metric(self, name: str, value: float, mode: str | None = None) -> None:
+        mode = mode or ("train" if self.model.training else "eval")
+        self._metrics[mode][name].append(float(value))
+
+    # ---- TRL overrides ---------------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        mask = self.extra_token_mask(batch, inputs)
+        if mask is not None:
+            mask = mask.to(batch["completion_mask"].dtype)
+            batch["tool_mask"] = mask if "tool_mask" not in batch else batch["tool_mask"] * mask
+        return self.postprocess_batch(batch, inputs)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        if self.reward_engine is None:
+            return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        device = self.accelerator.device
+        keys = [k for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")]
+        columns = {k: [x[k] for x in inputs] for k in keys}
+        scores, statuses = self.reward_engine.score(
+            self.reward_funcs, prompts, completions, completion_ids_list, columns
+        )
+        rewards = torch.tensor(scores, dtype=torch.float32, device=device).view(len(prompts), len(self.reward_funcs))
+        counts = Counter(statuses)
+        mode = "train" if self.model.training else "eval"
+        for status in ("ok", "wrong", "unparseable", "timeout", "error"):
+            local = torch.tensor([float(counts.get(status, 0))], device=device)
+            self._metrics[mode][f"rewards/status/{status}"].append(self.accelerator.gather(local).sum().item())
+        return gather(rewards)
+
+
+def _check(run, where: str) -> None:
+    if not run.rewards:
+        raise RecipeError(f"{where.rsplit('.', 1)[0] + '.' if '.' in where else ''}rewards: GRPO needs at least one reward "
+                          "(e.g. rewards: [{name: math_accuracy}])")
+    import rlkit_rewards
+
+    names = rlkit_rewards.available()
+    for i, r in enumerate(run.rewards):
+        if r.name not in names:
+            import difflib
+
+            near = difflib.get_close_matches(r.name, names, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise RecipeError(f"rewards[{i}].name: unknown reward {r.name!r}{hint} (available: {', '.join(names)})")
+
+
+def build_reward_funcs(specs) -> list:
+    import rlkit_rewards
+
+    funcs = []
+    for i, r in enumerate(specs):
+        try:
+            funcs.append(rlkit_rewards.get(r.name, **r.options))
+        except (ValueError, TypeError) as e:
+            raise RecipeError(f"rewards[{i}]: {e}") from None
+    return funcs
+
+
+def run_grpo(run, ctx) -> str:
+    """Train with GRPO; returns the path of the saved final model."""
+    from ..data import build_dataset
+    from ..models import peft_config
+
+    extra = {}
+    if "reward_weights" not in run.trainer and any(r.weight != 1.0 for r in run.rewards):
+        extra["reward_weights"] = [r.weight for r in run.rewards]
+    args = METHOD.trainer_config(run, **extra)
+    train_ds = build_dataset(run.data.train, ctx.tokenizer, shuffle=False)
+    trainer = ctx.trainer_class(
+        model=ctx.model,
+        reward_funcs=build_reward_funcs(run.rewards),
+        args=args,
+        train_dataset=train_ds,
+        processing_class=ctx.tokenizer,
+        peft_config=peft_config(run.model),
+        callbacks=ctx.callbacks,
+        **ctx.trainer_kwargs,
+    )
+    ctx.trainer = trainer
+    trainer.train(resume_from_checkpoint=ctx.resume)
+    return ctx.save_final(trainer)
+
+
+METHOD = Method(name="grpo", config_class=lambda: GRPOConfig, run=run_grpo, check=_check)
