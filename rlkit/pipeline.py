@@ -3,7 +3,8 @@ method, and saves a final safetensors model that feeds the next stage.
 
 - A stage whose final model exists (marker file ``final/.rlkit_done``) is skipped on restart.
 - ``resume`` (``True``/``"latest"`` or a checkpoint path) continues a killed run from its last
-  checkpoint in ``<output_dir>/checkpoint-*``; with ``True`` and no checkpoint yet, the run starts fresh.
+  complete checkpoint in ``<output_dir>/checkpoint-*`` (one cut off mid-save, without
+  ``trainer_state.json``, is skipped); with ``True`` and no checkpoint yet, the run starts fresh.
 - When ``eval.enabled``, held-out greedy accuracy is measured before and after training (and every
   ``eval.every_steps`` steps), printed, written to ``<output_dir>/summary.json`` and plotted with the
   training reward to ``<output_dir>/training.png``.
@@ -57,6 +58,40 @@ def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def prepare_distributed_env() -> None:
+    """Make the ranks of a multi-process launch on a machine without GPUs train together.
+
+    ``accelerate launch`` (torchrun underneath) sets ``WORLD_SIZE``/``LOCAL_RANK`` but, with no GPU and no
+    ``ACCELERATE_USE_CPU``, transformers/accelerate then give every rank its own single-process run: each
+    trains a separate copy and all of them write the same output folder. Here, in that situation only,
+    ``ACCELERATE_USE_CPU=1`` is set so the ranks join one gloo process group (multi-CPU DDP). Call it before
+    the first TRL config is built (``rlkit train`` does).
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "LOCAL_RANK" not in os.environ:
+        return
+    if "ACCELERATE_USE_CPU" in os.environ:
+        return
+    import torch
+    from accelerate.utils import is_hpu_available, is_mlu_available, is_npu_available, is_xpu_available
+
+    if torch.cuda.is_available() or is_xpu_available() or is_npu_available() or is_mlu_available() or is_hpu_available():
+        return
+    os.environ["ACCELERATE_USE_CPU"] = "1"
+    _log(f"no GPU found: running the {os.environ['WORLD_SIZE']} ranks as multi-CPU DDP (gloo)")
+
+
+def _to_local_accelerator(model) -> None:
+    """Move a freshly loaded (CPU) model to this rank's GPU, if there is one."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
+        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+
+
 def _log(msg: str) -> None:
     if _is_main():
         print(f"[rlkit] {msg}", flush=True)
@@ -66,16 +101,42 @@ def _resume_arg(resume: Any, output_dir: str):
     if resume in (None, False):
         return None
     if resume is True or resume == "latest":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        out = Path(output_dir)
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        last = last_complete_checkpoint(output_dir)
         if last is None:
             _log(f"no checkpoint in {output_dir} yet; starting fresh")
+        else:
+            _log(f"resuming from {last}")
         return last
     if not Path(str(resume)).is_dir():
         raise RecipeError(f"resume_from_checkpoint: {resume!r} is not a checkpoint folder")
+    if not (Path(str(resume)) / "trainer_state.json").is_file():
+        raise RecipeError(f"resume_from_checkpoint: {resume!r} has no trainer_state.json (an incomplete or "
+                          "non-Trainer checkpoint); pass a complete checkpoint-N folder")
+    _log(f"resuming from {resume}")
     return str(resume)
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The ``checkpoint-N`` folder with the highest N whose save finished, or None.
+
+    Trainer writes ``trainer_state.json`` last, so a folder without it is a save that was cut off (the run
+    was killed while saving); it is skipped rather than resumed from (``get_last_checkpoint`` would pick it).
+    """
+    import re
+
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    found = []
+    for d in out.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and d.is_dir():
+            found.append((int(m.group(1)), d))
+    for step, d in sorted(found, reverse=True):
+        if (d / "trainer_state.json").is_file():
+            return str(d)
+        _log(f"skipping incomplete checkpoint {d} (no trainer_state.json)")
+    return None
 
 
 def run_one(run: RunSpec, resume: Any = None, trainer_class: Any = None, trainer_kwargs: dict | None = None) -> dict:
@@ -107,6 +168,7 @@ def run_one(run: RunSpec, resume: Any = None, trainer_class: Any = None, trainer
         spec = dataclasses.replace(run.data.eval, limit=run.eval.limit or run.data.eval.limit)
         eval_rows = build_dataset(spec, tokenizer).to_list()
         if run.eval.before and ctx.resume is None:
+            _to_local_accelerator(model)  # the trainer places it there anyway; don't generate on the CPU
             before, _ = evaluate_rows(model, tokenizer, eval_rows, settings, samples=run.eval.samples)
             summary["before"] = before
             _log(f"{run.name}: held-out accuracy before training: {before['pass@1']:.3f} (n={before['n']})")
@@ -133,6 +195,7 @@ def run_one(run: RunSpec, resume: Any = None, trainer_class: Any = None, trainer
 
 def run_recipe(recipe: Recipe, resume: Any = None, **kwargs) -> list[dict]:
     """Run every stage in order, skipping stages that already finished; returns their summaries."""
+    prepare_distributed_env()
     results = []
     previous: str | None = None
     runs = resolve_runs(recipe)

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -169,6 +170,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check/convert ``value`` against annotation ``tp``; raise RecipeError naming ``where``."""
     if tp is Any:
@@ -211,6 +215,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise RecipeError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)  # PyYAML reads ``1e-5`` (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where}: expected a number, got {value!r}")
         return float(value)

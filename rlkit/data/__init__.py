@@ -25,9 +25,9 @@ def load_rows(spec) -> list[dict]:
     if name == "synthetic":
         try:
             cfg = SyntheticConfig(**(spec.synthetic or {}))
-        except TypeError as e:
+            rows = generate(cfg, split=spec.split, seed=spec.seed)
+        except (TypeError, ValueError) as e:
             raise DataError(f"data.synthetic: {e}") from None
-        rows = generate(cfg, split=spec.split, seed=spec.seed)
     elif name in BENCHMARKS:
         bench = BENCHMARKS[name]
         q = spec.question_column or bench.question_column

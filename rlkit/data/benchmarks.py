@@ -3,7 +3,8 @@
 Each loader yields rows ``{"question", "answer", "solution"?}`` with the gold answer as a string:
 GSM8K takes the text after ``####`` with thousands separators removed; MATH-500 and AIME24 use the
 ``answer`` field (falling back to the last ``\\boxed{}`` of the solution); AMC23 stores floats such as
-``27.0``, which become ``27``.
+``27.0``, which become ``27``; full MATH (``math``, train/test, for RL training) takes the last
+``\\boxed{}`` of the reference solution.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ BENCHMARKS: dict[str, Benchmark] = {
                         "solution", math_gold, {"test": "aime24_test.jsonl"}),
     "amc23": Benchmark("amc23", "math-ai/amc23", None, {"test": "test"}, "question", "answer", None, amc_gold,
                        {"test": "amc23_test.jsonl"}),
+    # Full MATH (Hendrycks et al.): 7,500 train / 5,000 test problems; the gold answer is the last
+    # \boxed{} of the reference solution. Used as RL training data (MATH-500 is a subset of its test split).
+    "math": Benchmark("math", "DigitalLearningGmbH/MATH-lighteval", "default", {"train": "train", "test": "test"},
+                      "problem", "solution", "solution", math_gold,
+                      {"train": "math_train.jsonl", "test": "math_test.jsonl"}),
 }
 
 

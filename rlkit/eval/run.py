@@ -12,10 +12,10 @@ from .math_eval import GenerationSettings, evaluate_rows, write_outputs
 def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None = None, samples: int = 0,
              temperature: float = 0.6, max_new_tokens: int = 512, batch_size: int = 16, backend: str = "hf",
              template: str = "auto", output_dir: str | None = None, dtype: str = "auto") -> dict:
-    from ..models import load_model, load_tokenizer
+    from ..models import ModelError, load_model, load_tokenizer
 
     if model == "tiny":
-        raise ValueError("--model tiny is an untrained random model; pass a trained checkpoint folder instead")
+        raise ModelError("--model tiny is an untrained random model; pass a trained checkpoint folder instead")
     mspec = ModelSpec(name=model, dtype=dtype)
     if backend == "vllm":
         from ..models import BUILTIN_MODELS, builtin_path

@@ -48,8 +48,13 @@ class Method:
     run: Callable[..., Any]
     check: Callable[[Any, str], None] | None = None
 
-    def trainer_config(self, run, where: str = "trainer", **extra):
-        """The TRL config for a run: recipe keys passed through, output_dir/seed from the recipe."""
+    def trainer_config(self, run, where: str = "trainer", device_checks: bool = True, **extra):
+        """The TRL config for a run: recipe keys passed through, output_dir/seed from the recipe.
+
+        ``device_checks=False`` (recipe validation) drops ``bf16``/``tf32`` requests the machine cannot
+        honour before building the config, so a GPU recipe validates on a CPU-only machine; training
+        builds the config with the checks on and fails there with TRL's message.
+        """
         cls = self.config_class()
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         hints = typing.get_type_hints(cls)
@@ -68,6 +73,15 @@ class Method:
         if "bf16" in fields and "bf16" not in kwargs and not _bf16_ok():
             kwargs["bf16"] = False  # TRL defaults to bf16, which CPUs and old GPUs lack
         kwargs.update(extra)
+        if not device_checks:
+            if kwargs.get("bf16") and kwargs.get("fp16"):
+                raise RecipeError(f"{where}: set at most one of bf16 and fp16")
+            if not _bf16_ok():
+                for key in ("bf16", "bf16_full_eval"):
+                    if kwargs.get(key):
+                        kwargs[key] = False
+            if kwargs.get("tf32") and not _tf32_ok():
+                kwargs["tf32"] = None
         kwargs["output_dir"] = run.output_dir
         kwargs["seed"] = run.seed
         try:
@@ -78,7 +92,7 @@ class Method:
             raise RecipeError(f"{where}: {str(e).splitlines()[0]}") from None
 
     def validate(self, run, where: str = "trainer") -> None:
-        self.trainer_config(run, where)
+        self.trainer_config(run, where, device_checks=False)
         if self.check is not None:
             self.check(run, where)
 
@@ -90,6 +104,12 @@ def _bf16_ok() -> bool:
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _tf32_ok() -> bool:
+    from transformers.utils import is_torch_tf32_available
+
+    return is_torch_tf32_available()
 
 
 def _simple(tp: Any) -> bool:

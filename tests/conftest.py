@@ -1,0 +1,92 @@
+"""Shared fixtures for the rlkit test suite.
+
+Everything here runs on CPU with no network: tiny Llama models are built from a config with the
+character-level tokenizer, and the real benchmark files come from ``$RLKIT_DATA_DIR`` or
+``../shared/data`` beside the repository (tests that need them skip cleanly when absent).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# No downloads in tests: fail fast instead of waiting on network timeouts (CI may override).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_FILES = ("gsm8k_train.jsonl", "gsm8k_test.jsonl", "math500_test.jsonl", "aime24_test.jsonl",
+              "amc23_test.jsonl")
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("RLKIT_DATA_DIR")
+    return Path(env) if env else Path(__file__).parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Folder with the real benchmark jsonl files; skips the test when it is absent."""
+    d = _data_dir()
+    if not d.is_dir():
+        pytest.skip(f"shared benchmark data not found at {d} (set RLKIT_DATA_DIR)")
+    return d
+
+
+@pytest.fixture
+def data_file(data_dir):
+    """``data_file("gsm8k_test.jsonl")`` -> its path, skipping when that one file is missing."""
+
+    def get(name: str) -> Path:
+        p = data_dir / name
+        if not p.is_file():
+            pytest.skip(f"{p} not found")
+        return p
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    from rlkit.models import build_char_tokenizer
+
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_spec():
+    """A very small Llama shape (hidden 64, 2 layers) that keeps CPU tests to seconds."""
+    from rlkit.recipe import TinyModelSpec
+
+    return TinyModelSpec(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=128)
+
+
+@pytest.fixture
+def tiny_model(tiny_spec, char_tokenizer):
+    """A fresh randomly initialised tiny model (seed 0) and the char tokenizer."""
+    from rlkit.models import build_tiny_model
+
+    return build_tiny_model(tiny_spec, char_tokenizer, seed=0), char_tokenizer
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """``write_jsonl(rows, name="rows.jsonl")`` -> path of a jsonl file under tmp_path."""
+    import json
+
+    def write(rows: list[dict], name: str = "rows.jsonl") -> Path:
+        p = tmp_path / name
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return p
+
+    return write
