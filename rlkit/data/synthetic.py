@@ -4,6 +4,13 @@ A problem is a left-to-right chain such as ``37+18-9``; its solution writes one 
 (``37+18=55``, ``55-9=46``) and ends with ``#### 46`` (GSM8K style, so the same answer extraction and
 rewards serve both). Train and test rows come from disjoint problem sets drawn from separate seeds.
 Used for offline runs: the quickstart, the launch tests and the benchmarks.
+
+Imperfect demonstrations (``slip_rate``): real SFT data (scraped or model-written solutions) carries
+systematic mistakes, and learning past them from a verifier is what RL with verifiable rewards adds over
+SFT. With ``slip_rate = p``, a *train* solution whose last operation is a subtraction writes that
+result one too high with probability p (the ``#### x`` line follows the slip), as a sloppy annotator
+would. The ``answer`` column always holds the true result, and test rows are never slipped, so rewards
+and evaluation stay exact. Off by default; the quickstart turns it on.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ class SyntheticConfig:
     ops: str = "+-"
     allow_negative: bool = False
     """If false, subtractions are drawn so no intermediate result is negative."""
+    slip_rate: float = 0.0
+    """Probability that a train solution ending in a subtraction writes its last result off by +1."""
 
 
-def _problem(rng: random.Random, cfg: SyntheticConfig) -> tuple[str, str, int]:
+def _problem(rng: random.Random, cfg: SyntheticConfig, slip: bool = False) -> tuple[str, str, int]:
     n_ops = rng.randint(cfg.min_ops, cfg.max_ops)
     value = rng.randint(1, cfg.max_operand)
     question = str(value)
@@ -43,7 +52,11 @@ def _problem(rng: random.Random, cfg: SyntheticConfig) -> tuple[str, str, int]:
         lines.append(f"{value}{op}{operand}={new}")
         question += f"{op}{operand}"
         value = new
-    solution = "\n".join(lines) + f"\n#### {value}"
+    written = value
+    if slip and op == "-" and rng.random() < cfg.slip_rate:
+        written = value + 1
+        lines[-1] = lines[-1].rsplit("=", 1)[0] + f"={written}"
+    solution = "\n".join(lines) + f"\n#### {written}"
     return question, solution, value
 
 
@@ -58,6 +71,8 @@ def generate(cfg: SyntheticConfig | None = None, split: str = "train", seed: int
     bad = set(cfg.ops) - set("+-*")
     if bad or not cfg.ops:
         raise ValueError(f"synthetic ops must be drawn from '+-*', got {cfg.ops!r}")
+    if not 0.0 <= cfg.slip_rate <= 1.0:
+        raise ValueError(f"synthetic slip_rate must be in [0, 1], got {cfg.slip_rate}")
     test_rng = random.Random(f"rlkit-synthetic-test-{seed}")
     test, seen = [], set()
     while len(test) < cfg.num_test:
@@ -74,7 +89,7 @@ def generate(cfg: SyntheticConfig | None = None, split: str = "train", seed: int
         attempts += 1
         if attempts > 50 * cfg.num_train + 1000:
             raise ValueError("synthetic task too small for the requested num_train; raise max_operand or max_ops")
-        q, s, a = _problem(train_rng, cfg)
+        q, s, a = _problem(train_rng, cfg, slip=cfg.slip_rate > 0)
         if q not in seen:
             train.append({"question": q, "solution": s, "answer": str(a)})
     return train
