@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelError
     from .recipe import RecipeError
 
+    import warnings
+
+    # transformers 5 renamed gradient_checkpointing; TRL still calls the old names on every run.
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

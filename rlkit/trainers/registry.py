@@ -70,6 +70,8 @@ class Method:
                 value = _coerce(value, hints[key], f"{where}.{key}")
             kwargs[key] = value
         kwargs.setdefault("report_to", "none")
+        if "dataloader_pin_memory" not in kwargs and not _cuda():
+            kwargs["dataloader_pin_memory"] = False  # pinning needs an accelerator; avoids a warning per run
         if "bf16" in fields and "bf16" not in kwargs and not _bf16_ok():
             kwargs["bf16"] = False  # TRL defaults to bf16, which CPUs and old GPUs lack
         kwargs.update(extra)
@@ -98,6 +100,12 @@ class Method:
 
 
 _SIMPLE = (bool, int, float, str)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _bf16_ok() -> bool:
