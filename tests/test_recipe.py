@@ -425,3 +425,32 @@ def test_cli_main_bad_override(tmp_path, capsys):
     assert main(["train", str(p), "trainer.learnig_rate=1e-5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "rlkit: error: trainer: unknown key 'learnig_rate'; did you mean 'learning_rate'?"
+
+
+def test_resume_from_checkpoint_key_accepts_true_and_paths(tmp_path):
+    import yaml
+
+    from rlkit.recipe import RecipeError, load_recipe
+
+    base = {"method": "grpo", "model": {"name": "tiny"}, "rewards": [{"name": "math_accuracy"}],
+            "trainer": {"per_device_train_batch_size": 8, "num_generations": 4}}
+    for value in (True, "latest", str(tmp_path)):
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump({**base, "trainer": {**base["trainer"], "resume_from_checkpoint": value}}))
+        load_recipe(path)
+    path.write_text(yaml.safe_dump({**base, "trainer": {**base["trainer"], "resume_from_checkpoint": 3}}))
+    with pytest.raises(RecipeError, match="resume_from_checkpoint"):
+        load_recipe(path)
+
+
+def test_stage_reward_errors_name_the_stage(tmp_path):
+    import yaml
+
+    from rlkit.recipe import RecipeError, load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "tiny"}, "stages": [
+        {"name": "rl", "method": "grpo", "rewards": [{"name": "math_acuracy"}],
+         "trainer": {"per_device_train_batch_size": 8, "num_generations": 4}}]}))
+    with pytest.raises(RecipeError, match=r"stages\.rl\.rewards\[0\]\.name.*math_accuracy"):
+        load_recipe(path)

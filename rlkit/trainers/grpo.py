@@ -78,9 +78,9 @@ class RLKitGRPOTrainer(GRPOTrainer):
 
 
 def _check(run, where: str) -> None:
+    prefix = where[: -len("trainer")]  # "" or "stages.<name>."
     if not run.rewards:
-        raise RecipeError(f"{where.rsplit('.', 1)[0] + '.' if '.' in where else ''}rewards: GRPO needs at least one reward "
-                          "(e.g. rewards: [{name: math_accuracy}])")
+        raise RecipeError(f"{prefix}rewards: GRPO needs at least one reward (e.g. rewards: [{{name: math_accuracy}}])")
     import rlkit_rewards
 
     names = rlkit_rewards.available()
@@ -90,7 +90,7 @@ def _check(run, where: str) -> None:
 
             near = difflib.get_close_matches(r.name, names, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise RecipeError(f"rewards[{i}].name: unknown reward {r.name!r}{hint} (available: {', '.join(names)})")
+            raise RecipeError(f"{prefix}rewards[{i}].name: unknown reward {r.name!r}{hint} (available: {', '.join(names)})")
 
 
 def build_reward_funcs(specs) -> list:

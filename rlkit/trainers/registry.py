@@ -62,6 +62,11 @@ class Method:
         for key, value in run.trainer.items():
             if key in RESERVED_TRAINER_KEYS:
                 raise RecipeError(f"{where}.{key}: {RESERVED_TRAINER_KEYS[key]}")
+            if key == "resume_from_checkpoint":
+                # handled by rlkit.pipeline: true / "latest" / a checkpoint folder
+                if not isinstance(value, (bool, str)) and value is not None:
+                    raise RecipeError(f"{where}.{key}: expected true, \"latest\" or a checkpoint folder, got {value!r}")
+                continue
             if key not in fields:
                 near = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
                 hint = f"; did you mean {near[0]!r}?" if near else f" ({cls.__name__} has no such field)"
