@@ -12,6 +12,12 @@ example no gold answer), which TRL turns into NaN and leaves out of the group st
 
 from .registry import available, get, register
 from . import math as _math  # noqa: F401  (registers the built-in rewards)
+from .engine import RewardEngine
+from . import format as _format  # noqa: F401
+from . import rpr as _rpr  # noqa: F401
+from . import noisy as _noisy  # noqa: F401
+from . import calibrated as _calibrated  # noqa: F401
+from . import verl as _verl  # noqa: F401
 
-__all__ = ["available", "get", "register"]
+__all__ = ["RewardEngine", "available", "get", "register"]
 __version__ = "0.1.0"

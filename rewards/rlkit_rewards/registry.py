@@ -47,4 +47,8 @@ def get(name: str, **options: Any) -> RewardFunc:
     func = factory(**options)
     if not getattr(func, "__name__", None) or func.__name__ == "<lambda>":
         func.__name__ = name
+    try:  # lets the reward engine's worker processes rebuild this function by reference
+        func.__rlkit_spec__ = (name, dict(options))
+    except (AttributeError, TypeError):
+        pass
     return func
