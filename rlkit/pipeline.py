@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +54,6 @@ class RunContext:
 
 
 def _is_main() -> bool:
-    import os
-
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -67,8 +66,6 @@ def prepare_distributed_env() -> None:
     ``ACCELERATE_USE_CPU=1`` is set so the ranks join one gloo process group (multi-CPU DDP). Call it before
     the first TRL config is built (``rlkit train`` does).
     """
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "LOCAL_RANK" not in os.environ:
         return
     if "ACCELERATE_USE_CPU" in os.environ:
@@ -84,8 +81,6 @@ def prepare_distributed_env() -> None:
 
 def _to_local_accelerator(model) -> None:
     """Move a freshly loaded (CPU) model to this rank's GPU, if there is one."""
-    import os
-
     import torch
 
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":

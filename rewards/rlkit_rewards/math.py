@@ -15,7 +15,8 @@ from .registry import register
 from .text import completion_text, extract_answer, parse_number
 
 
-def _numbers_equal(a: float, b: float, rel_tol: float) -> bool:
+def numbers_equal(a: float, b: float, rel_tol: float = 1e-6) -> bool:
+    """Equal within ``rel_tol`` relative to the larger magnitude (absolute below 1)."""
     return abs(a - b) <= rel_tol * max(1.0, abs(a), abs(b))
 
 
@@ -23,7 +24,7 @@ def verify_answer(gold: str, predicted: str, rel_tol: float = 1e-6) -> bool:
     """True when ``predicted`` is mathematically equal to ``gold``."""
     g, p = parse_number(gold), parse_number(predicted)
     if g is not None and p is not None:
-        return _numbers_equal(g, p, rel_tol)
+        return numbers_equal(g, p, rel_tol)
     from math_verify import parse, verify  # imported lazily: sympy is slow to import
 
     on_main = threading.current_thread() is threading.main_thread()

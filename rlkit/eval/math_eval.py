@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rlkit_rewards.math import verify_answer
+from rlkit_rewards.math import numbers_equal, verify_answer
 from rlkit_rewards.text import extract_answer, parse_number
 
 
@@ -103,7 +103,7 @@ def generate_vllm(model_path: str, prompts: list[str], settings: GenerationSetti
 def _same(a: str, b: str) -> bool:
     x, y = parse_number(a), parse_number(b)
     if x is not None and y is not None:
-        return abs(x - y) <= 1e-6 * max(1.0, abs(x), abs(y))
+        return numbers_equal(x, y)
     return a.strip() == b.strip()
 
 

@@ -116,7 +116,7 @@ def _cuda() -> bool:
 def _bf16_ok() -> bool:
     import torch
 
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return _cuda() and torch.cuda.is_bf16_supported()
 
 
 def _tf32_ok() -> bool:
