@@ -110,6 +110,33 @@ class RewardSpec:
 
 
 @dataclass
+class RewardEngineSpec:
+    """How RL trainers score rewards: ``rlkit_rewards.engine.RewardEngine`` (a pool of worker processes
+    with per-item deadlines) by default, or TRL's serial in-process scoring with ``enabled: false``."""
+
+    enabled: bool = True
+    num_workers: int | None = None
+    """Worker processes per rank (None: CPU cores / processes on this machine, at least 1, at most 8)."""
+    item_timeout: float = 10.0
+    """Seconds one completion may take (all its reward functions); a stuck worker is killed and replaced."""
+    batch_timeout: float = 300.0
+    """Seconds one scoring call may take; unfinished items then score 0 with status ``timeout``."""
+
+    def __post_init__(self):
+        for name in ("item_timeout", "batch_timeout"):
+            if not getattr(self, name) > 0:
+                raise RecipeError(f"reward_engine.{name}: must be a positive number of seconds, got {getattr(self, name)}")
+
+    def resolved_workers(self) -> int:
+        if self.num_workers is not None:
+            if self.num_workers < 1:
+                raise RecipeError(f"reward_engine.num_workers: must be at least 1, got {self.num_workers}")
+            return self.num_workers
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return max(1, min(8, (os.cpu_count() or 1) // max(1, local)))
+
+
+@dataclass
 class EvalSpec:
     """Held-out evaluation run before and after training (``rlkit eval`` settings)."""
 
@@ -137,6 +164,7 @@ class StageSpec:
     rewards: list[dict] | None = None
     trainer: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
+    reward_engine: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -153,6 +181,7 @@ class Recipe:
     trainer: dict = field(default_factory=dict)
     eval: EvalSpec = field(default_factory=EvalSpec)
     stages: list[StageSpec] = field(default_factory=list)
+    reward_engine: RewardEngineSpec = field(default_factory=RewardEngineSpec)
     plot: bool = True
     """Save a PNG of reward and held-out accuracy against step at the end of an RL run."""
 
@@ -332,6 +361,7 @@ class RunSpec:
     trainer: dict
     eval: EvalSpec
     plot: bool = True
+    reward_engine: RewardEngineSpec = field(default_factory=RewardEngineSpec)
 
 
 def resolve_runs(recipe: Recipe) -> list[RunSpec]:
@@ -339,12 +369,13 @@ def resolve_runs(recipe: Recipe) -> list[RunSpec]:
     if not recipe.stages:
         return [
             RunSpec("main", recipe.method or "", recipe.seed, recipe.output_dir, recipe.model, recipe.data,
-                    recipe.rewards, dict(recipe.trainer), recipe.eval, recipe.plot)
+                    recipe.rewards, dict(recipe.trainer), recipe.eval, recipe.plot, recipe.reward_engine)
         ]
     runs = []
     base_model = dataclasses.asdict(recipe.model)
     base_data = dataclasses.asdict(recipe.data)
     base_eval = dataclasses.asdict(recipe.eval)
+    base_engine = dataclasses.asdict(recipe.reward_engine)
     for i, st in enumerate(recipe.stages):
         where = f"stages[{i}]({st.name})"
         model = build(ModelSpec, deep_merge(base_model, st.model), f"{where}.model")
@@ -355,9 +386,11 @@ def resolve_runs(recipe: Recipe) -> list[RunSpec]:
             if st.rewards is not None
             else recipe.rewards
         )
+        engine = build(RewardEngineSpec, deep_merge(base_engine, st.reward_engine), f"{where}.reward_engine")
         trainer = deep_merge(recipe.trainer, st.trainer)
         out = str(Path(recipe.output_dir) / st.name)
-        runs.append(RunSpec(st.name, st.method, recipe.seed, out, model, data, rewards, trainer, ev, recipe.plot))
+        runs.append(RunSpec(st.name, st.method, recipe.seed, out, model, data, rewards, trainer, ev, recipe.plot,
+                            engine))
     return runs
 
 

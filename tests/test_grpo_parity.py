@@ -114,7 +114,8 @@ def test_rlkit_grpo_trainer_matches_plain_trl(plain_trl, tmp_path):
 
 
 def test_run_one_matches_plain_trl(plain_trl, tmp_path, monkeypatch):
-    """The whole recipe path (recipe -> RunSpec -> run_one -> RLKitGRPOTrainer) equals plain TRL."""
+    """The whole recipe path (recipe -> RunSpec -> run_one -> RLKitGRPOTrainer with its default
+    RewardEngine) equals plain TRL."""
     from safetensors.torch import load_file
 
     from rlkit.pipeline import DONE_MARKER, run_one
@@ -135,6 +136,9 @@ def test_run_one_matches_plain_trl(plain_trl, tmp_path, monkeypatch):
     history = json.loads((out / "log_history.json").read_text())
     mine = next(h for h in history if "loss" in h and "train_runtime" not in h)
     assert_close_logs(log, mine)
+    # the rewards went through the default RewardEngine (worker processes), with the same scores as TRL's
+    assert sum(mine[f"rewards/status/{s}"] for s in ("ok", "wrong", "unparseable", "timeout", "error")) == 8
+    assert mine["rewards/status/timeout"] == 0 and mine["rewards/status/error"] == 0
     final = Path(summary["final_model"])
     assert final == out / "final" and (final / DONE_MARKER).exists()
     saved = {}
@@ -194,9 +198,9 @@ class FakeEngine:
     def __init__(self):
         self.calls = []
 
-    def score(self, funcs, prompts, completions, completion_ids, columns):
+    def score(self, funcs, prompts, completions, completion_ids, columns, kwargs=None):
         self.calls.append(dict(funcs=list(funcs), prompts=list(prompts), completions=list(completions),
-                               completion_ids=completion_ids, columns=columns))
+                               completion_ids=completion_ids, columns=columns, kwargs=kwargs))
         scores, statuses = [], []
         for i in range(len(prompts)):
             s, st = self.PATTERN[i % len(self.PATTERN)]
@@ -230,7 +234,8 @@ def test_reward_engine_scores_and_status_counts(tmp_path):
     assert call["funcs"] == trainer.reward_funcs and len(call["prompts"]) == len(call["completions"]) == n
     assert len(call["completion_ids"]) == n and all(isinstance(t, int) for t in call["completion_ids"][0])
     assert len(call["columns"]["answer"]) == n and call["columns"]["answer"][0] == call["columns"]["answer"][3]
-    assert "question" in call["columns"]
+    assert "question" in call["columns"] and "is_eval" not in call["columns"]
+    assert call["kwargs"]["trainer_state"].global_step == 0  # a light, picklable copy of TRL's trainer_state
 
     assert log["rewards/status/ok"] == 4.0
     assert log["rewards/status/wrong"] == 2.0

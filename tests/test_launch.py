@@ -329,6 +329,12 @@ def test_two_process_grpo_under_accelerate(two_proc_run):
     # both ranks trained: every step consumed world_size x per_device (8) completions = 2 prompts of the
     # 256-row dataset, so the epoch after 2 steps is 2 x 2 / 256 (a single rank would give half that)
     assert steps[-1]["epoch"] == pytest.approx(2 * 2 / 256)
+    # rewards went through each rank's RewardEngine (the default) and the status counts are summed over
+    # both ranks: 2 x 4 completions per step
+    for h in steps:
+        counts = [h[f"rewards/status/{s}"] for s in ("ok", "wrong", "unparseable", "timeout", "error")]
+        assert sum(counts) == 8, h
+        assert h["rewards/status/timeout"] == 0 and h["rewards/status/error"] == 0, h
     summary = json.loads((out / "summary.json").read_text())
     final = out / "final"
     assert Path(summary["final_model"]) == final

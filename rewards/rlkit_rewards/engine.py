@@ -87,8 +87,12 @@ def _rebuild(ref: tuple) -> Callable:
     raise ValueError(f"unknown function reference kind {kind!r}")
 
 
+_SHARED = "\x00rlkit_shared"  # key of the per-call keyword arguments inside an item's column dict
+
+
 def _call_one(func: Callable, prompt: Any, completion: Any, ids: Any, has_ids: bool, cols: dict) -> float | None:
-    kwargs = {k: [v] for k, v in cols.items()}
+    kwargs = {k: [v] for k, v in cols.items() if k != _SHARED}
+    kwargs.update(cols.get(_SHARED) or {})
     if has_ids:
         kwargs["completion_ids"] = [ids]
     out = func(prompts=[prompt], completions=[completion], **kwargs)
@@ -156,6 +160,21 @@ def _worker_main(conn, parent_pid: int, preload: bool) -> None:
         except BaseException:  # noqa: BLE001
             has_answer = True
         conn.send((task_id, values, errors, has_answer))
+
+
+def light_trainer_state(state: Any) -> Any:
+    """A small picklable stand-in for TRL's ``trainer_state`` (the real one carries the whole log
+    history): ``global_step``, ``max_steps``, ``epoch`` and ``is_world_process_zero`` as attributes."""
+    from types import SimpleNamespace
+
+    get = state.get if isinstance(state, dict) else lambda k, d=None: getattr(state, k, d)
+    return SimpleNamespace(global_step=get("global_step", 0), max_steps=get("max_steps", 0), epoch=get("epoch"),
+                           is_world_process_zero=get("is_world_process_zero", True))
+
+
+def _plain_function(func: Callable) -> bool:
+    """A module-level function: pickled by reference, it needs no registry in the worker."""
+    return inspect.isfunction(func) and "<locals>" not in func.__qualname__ and func.__closure__ is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,7 +293,7 @@ class RewardEngine:
     # ---- function references -----------------------------------------------------------------------
     def _reference(self, func: Callable) -> tuple | None:
         spec = getattr(func, "__rlkit_spec__", None)
-        if spec is not None:
+        if spec is not None and not _plain_function(func):
             name, options = spec
             from .registry import _REGISTRY
 
@@ -306,15 +325,19 @@ class RewardEngine:
     # ---- scoring -----------------------------------------------------------------------------------
     def score(self, funcs: Sequence[Callable], prompts: Sequence[Any], completions: Sequence[Any],
               completion_ids: Sequence[Any] | None = None, columns: dict[str, Sequence[Any]] | None = None,
-              ) -> tuple[list[list[float]], list[str]]:
+              kwargs: dict[str, Any] | None = None) -> tuple[list[list[float]], list[str]]:
         """Return ``(scores, statuses)``: ``scores[i][j]`` is function ``j`` on item ``i`` (NaN for None),
-        ``statuses[i]`` one of ``ok, wrong, unparseable, timeout, error``."""
+        ``statuses[i]`` one of ``ok, wrong, unparseable, timeout, error``.
+
+        ``columns`` hold one value per item (each function sees ``[value]`` for its one item); ``kwargs``
+        are passed unchanged to every call (e.g. TRL's ``trainer_state``); both must be picklable."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("RewardEngine is closed")
-            return self._score(list(funcs), list(prompts), list(completions), completion_ids, columns or {})
+            return self._score(list(funcs), list(prompts), list(completions), completion_ids, columns or {},
+                               dict(kwargs or {}))
 
-    def _score(self, funcs, prompts, completions, completion_ids, columns):
+    def _score(self, funcs, prompts, completions, completion_ids, columns, shared):
         n, m = len(completions), len(funcs)
         if len(prompts) != n:
             raise ValueError(f"{len(prompts)} prompts but {n} completions")
@@ -336,7 +359,10 @@ class RewardEngine:
         has_answer: list[bool | None] = [None] * n
 
         def cols_of(i):
-            return {k: v[i] for k, v in columns.items()}
+            cols = {k: v[i] for k, v in columns.items()}
+            if shared:
+                cols[_SHARED] = shared
+            return cols
 
         if remote and n:
             key = pickle.dumps([refs[j] for j in remote])
@@ -507,9 +533,12 @@ class RewardEngine:
         errors score 0.0, not-applicable rows None)."""
 
         def engine_reward(prompts, completions, completion_ids=None, **columns):
-            columns = {k: v for k, v in columns.items()
-                       if isinstance(v, (list, tuple)) and len(v) == len(completions)}
-            scores, _ = self.score([func], prompts, completions, completion_ids, columns)
+            per_item = {k: v for k, v in columns.items()
+                        if isinstance(v, (list, tuple)) and len(v) == len(completions)}
+            shared = {}
+            if columns.get("trainer_state") is not None:
+                shared["trainer_state"] = light_trainer_state(columns["trainer_state"])
+            scores, _ = self.score([func], prompts, completions, completion_ids, per_item, kwargs=shared)
             return [None if math.isnan(s[0]) else s[0] for s in scores]
 
         engine_reward.__name__ = getattr(func, "__name__", "engine_reward")

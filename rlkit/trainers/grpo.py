@@ -4,11 +4,14 @@
 no-ops unless a subclass or the caller uses them (so with nothing extra turned on the loss equals
 plain TRL's for the same seed; a test checks the first-step loss):
 
-- ``reward_engine``: an object with ``score(funcs, prompts, completions, completion_ids, columns)``
-  returning ``(scores, statuses)``; ``scores`` is a ``[n, num_funcs]`` list of floats (NaN for "not
-  applicable") and ``statuses`` one string per item (``ok``, ``wrong``, ``unparseable``, ``timeout``,
-  ``error``). When set, it replaces TRL's serial in-process scoring and the status counts are logged
-  each step as ``rewards/status/<status>``. When None, TRL's own ``_calculate_rewards`` runs.
+- ``reward_engine``: an object with ``score(funcs, prompts, completions, completion_ids, columns,
+  kwargs=...)`` returning ``(scores, statuses)``; ``scores`` is a ``[n, num_funcs]`` list of floats (NaN
+  for "not applicable") and ``statuses`` one string per item (``ok``, ``wrong``, ``unparseable``,
+  ``timeout``, ``error``). When set, it replaces TRL's serial in-process scoring and the status counts
+  (summed over ranks) are logged each step as ``rewards/status/<status>``. In evaluation every row gets
+  ``is_eval=True`` (so ``noisy`` never flips there). When None, TRL's own ``_calculate_rewards`` runs.
+  ``rlkit train`` passes an ``rlkit_rewards.engine.RewardEngine`` built from the recipe's
+  ``reward_engine`` section (on by default; ``reward_engine: {enabled: false}`` gives TRL's scoring).
 - ``postprocess_batch(batch, inputs)``: called on every scored generation batch before the loss; a
   method may replace ``advantages`` by a ``(B, T)`` per-token tensor or add metrics.
 - ``extra_token_mask(batch, inputs)``: an optional ``(B, T)`` 0/1 mask multiplied into TRL's
@@ -24,6 +27,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather
+from rlkit_rewards.engine import STATUSES, light_trainer_state
 from trl import GRPOConfig, GRPOTrainer
 
 from ..recipe import RecipeError
@@ -60,21 +64,40 @@ class RLKitGRPOTrainer(GRPOTrainer):
         return self.postprocess_batch(batch, inputs)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        if self.reward_engine is None:
+        if (self.reward_engine is None or self.environments is not None
+                or any(isinstance(f, torch.nn.Module) for f in self.reward_funcs)):
+            # reward models run batched on the accelerator and environments live in this process: TRL's path
             return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         device = self.accelerator.device
+        training = self.model.training
         keys = [k for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")]
         columns = {k: [x[k] for x in inputs] for k in keys}
+        if not training and "is_eval" not in columns:
+            columns["is_eval"] = [True] * len(prompts)  # rewards that add noise (``noisy``) never do so in eval
+        # TRL passes ``trainer_state=self.state`` to reward functions. The engine ships it to worker
+        # processes, so send a light copy (the real one carries the whole log history).
         scores, statuses = self.reward_engine.score(
-            self.reward_funcs, prompts, completions, completion_ids_list, columns
+            self.reward_funcs, prompts, completions, completion_ids_list, columns,
+            kwargs={"trainer_state": light_trainer_state(self.state)},
         )
         rewards = torch.tensor(scores, dtype=torch.float32, device=device).view(len(prompts), len(self.reward_funcs))
         counts = Counter(statuses)
-        mode = "train" if self.model.training else "eval"
-        for status in ("ok", "wrong", "unparseable", "timeout", "error"):
-            local = torch.tensor([float(counts.get(status, 0))], device=device)
-            self._metrics[mode][f"rewards/status/{status}"].append(self.accelerator.gather(local).sum().item())
+        mode = "train" if training else "eval"
+        local = torch.tensor([float(counts.get(s, 0)) for s in STATUSES], device=device)
+        total = self.accelerator.gather(local).view(-1, len(STATUSES)).sum(0).tolist()
+        for status, count in zip(STATUSES, total):
+            self._metrics[mode][f"rewards/status/{status}"].append(count)
         return gather(rewards)
+
+
+def make_reward_engine(spec):
+    """A ``RewardEngine`` for a run's ``reward_engine`` section, or None when it is disabled."""
+    if spec is None or not spec.enabled:
+        return None
+    from rlkit_rewards.engine import RewardEngine
+
+    return RewardEngine(num_workers=spec.resolved_workers(), item_timeout=spec.item_timeout,
+                        batch_timeout=spec.batch_timeout)
 
 
 def _check(run, where: str) -> None:
@@ -115,19 +138,27 @@ def run_grpo(run, ctx) -> str:
         extra["reward_weights"] = [r.weight for r in run.rewards]
     args = METHOD.trainer_config(run, **extra)
     train_ds = build_dataset(run.data.train, ctx.tokenizer, shuffle=False)
-    trainer = ctx.trainer_class(
-        model=ctx.model,
-        reward_funcs=build_reward_funcs(run.rewards),
-        args=args,
-        train_dataset=train_ds,
-        processing_class=ctx.tokenizer,
-        peft_config=peft_config(run.model),
-        callbacks=ctx.callbacks,
-        **ctx.trainer_kwargs,
-    )
-    ctx.trainer = trainer
-    trainer.train(resume_from_checkpoint=ctx.resume)
-    return ctx.save_final(trainer)
+    kwargs = dict(ctx.trainer_kwargs)
+    engine = None
+    if "reward_engine" not in kwargs and issubclass(ctx.trainer_class, RLKitGRPOTrainer):
+        engine = kwargs["reward_engine"] = make_reward_engine(run.reward_engine)
+    try:
+        trainer = ctx.trainer_class(
+            model=ctx.model,
+            reward_funcs=build_reward_funcs(run.rewards),
+            args=args,
+            train_dataset=train_ds,
+            processing_class=ctx.tokenizer,
+            peft_config=peft_config(run.model),
+            callbacks=ctx.callbacks,
+            **kwargs,
+        )
+        ctx.trainer = trainer
+        trainer.train(resume_from_checkpoint=ctx.resume)
+        return ctx.save_final(trainer)
+    finally:
+        if engine is not None:
+            engine.close()
 
 
 METHOD = Method(name="grpo", config_class=lambda: GRPOConfig, run=run_grpo, check=_check)
