@@ -61,6 +61,9 @@ class RLKitGRPOTrainer(GRPOTrainer):
         if mask is not None:
             mask = mask.to(batch["completion_mask"].dtype)
             batch["tool_mask"] = mask if "tool_mask" not in batch else batch["tool_mask"] * mask
+            # TRL counted the loss tokens before this mask existed; the token-level losses divide by it
+            loss_mask = batch["completion_mask"] * batch["tool_mask"]
+            batch["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
         return self.postprocess_batch(batch, inputs)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -128,22 +131,28 @@ def build_reward_funcs(specs) -> list:
     return funcs
 
 
-def run_grpo(run, ctx) -> str:
-    """Train with GRPO; returns the path of the saved final model."""
+def run_grpo(run, ctx, method: Method | None = None, trainer_class: type | None = None, train_dataset=None) -> str:
+    """Train with GRPO (or a GRPO-based ``method`` with its ``trainer_class`` and dataset); returns the path
+    of the saved final model. A trainer class the caller put in ``ctx`` wins when it subclasses
+    ``trainer_class``."""
     from ..data import build_dataset
     from ..models import peft_config
 
+    method = method or METHOD
     extra = {}
     if "reward_weights" not in run.trainer and any(r.weight != 1.0 for r in run.rewards):
         extra["reward_weights"] = [r.weight for r in run.rewards]
-    args = METHOD.trainer_config(run, **extra)
-    train_ds = build_dataset(run.data.train, ctx.tokenizer, shuffle=False)
+    args = method.trainer_config(run, **extra)
+    train_ds = train_dataset if train_dataset is not None else build_dataset(run.data.train, ctx.tokenizer, shuffle=False)
+    cls = ctx.trainer_class or RLKitGRPOTrainer
+    if trainer_class is not None and not issubclass(cls, trainer_class):
+        cls = trainer_class
     kwargs = dict(ctx.trainer_kwargs)
     engine = None
-    if "reward_engine" not in kwargs and issubclass(ctx.trainer_class, RLKitGRPOTrainer):
+    if "reward_engine" not in kwargs and issubclass(cls, RLKitGRPOTrainer):
         engine = kwargs["reward_engine"] = make_reward_engine(run.reward_engine)
     try:
-        trainer = ctx.trainer_class(
+        trainer = cls(
             model=ctx.model,
             reward_funcs=build_reward_funcs(run.rewards),
             args=args,

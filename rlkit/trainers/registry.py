@@ -21,6 +21,7 @@ from ..recipe import RecipeError, _coerce
 _METHODS: dict[str, str] = {
     "grpo": "rlkit.trainers.grpo:METHOD",
     "sft": "rlkit.trainers.sft:METHOD",
+    "stephint": "rlkit.trainers.stephint:METHOD",
 }
 
 # Trainer keys that the recipe's top level owns.
