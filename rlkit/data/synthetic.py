@@ -35,7 +35,7 @@ class SyntheticConfig:
     """Probability that a train solution ending in a subtraction writes its last result off by +1."""
 
 
-def _problem(rng: random.Random, cfg: SyntheticConfig, slip: bool = False) -> tuple[str, str, int]:
+def _problem(rng: random.Random, cfg: SyntheticConfig, slip: bool = False) -> tuple[str, str, int, str]:
     n_ops = rng.randint(cfg.min_ops, cfg.max_ops)
     value = rng.randint(1, cfg.max_operand)
     question = str(value)
@@ -52,16 +52,19 @@ def _problem(rng: random.Random, cfg: SyntheticConfig, slip: bool = False) -> tu
         lines.append(f"{value}{op}{operand}={new}")
         question += f"{op}{operand}"
         value = new
+    exact = "\n".join(lines) + f"\n#### {value}"
     written = value
     if slip and op == "-" and rng.random() < cfg.slip_rate:
         written = value + 1
         lines[-1] = lines[-1].rsplit("=", 1)[0] + f"={written}"
     solution = "\n".join(lines) + f"\n#### {written}"
-    return question, solution, value
+    return question, solution, value, exact
 
 
 def generate(cfg: SyntheticConfig | None = None, split: str = "train", seed: int = 0) -> list[dict]:
-    """Rows ``{"question", "solution", "answer"}`` for ``split`` ("train" or "test"), deterministic in seed.
+    """Rows ``{"question", "solution", "answer", "reference"}`` for ``split`` ("train" or "test"), deterministic
+    in seed. ``reference`` is the exact solution (``solution`` with any slip undone): a verified reference
+    chain for methods such as StepHint.
 
     The test split never contains a train question: test questions are drawn first and reserved.
     """
@@ -76,10 +79,10 @@ def generate(cfg: SyntheticConfig | None = None, split: str = "train", seed: int
     test_rng = random.Random(f"rlkit-synthetic-test-{seed}")
     test, seen = [], set()
     while len(test) < cfg.num_test:
-        q, s, a = _problem(test_rng, cfg)
+        q, s, a, exact = _problem(test_rng, cfg)
         if q not in seen:
             seen.add(q)
-            test.append({"question": q, "solution": s, "answer": str(a)})
+            test.append({"question": q, "solution": s, "answer": str(a), "reference": exact})
     if split == "test":
         return test
     train_rng = random.Random(f"rlkit-synthetic-train-{seed}")
@@ -89,7 +92,7 @@ def generate(cfg: SyntheticConfig | None = None, split: str = "train", seed: int
         attempts += 1
         if attempts > 50 * cfg.num_train + 1000:
             raise ValueError("synthetic task too small for the requested num_train; raise max_operand or max_ops")
-        q, s, a = _problem(train_rng, cfg, slip=cfg.slip_rate > 0)
+        q, s, a, exact = _problem(train_rng, cfg, slip=cfg.slip_rate > 0)
         if q not in seen:
-            train.append({"question": q, "solution": s, "answer": str(a)})
+            train.append({"question": q, "solution": s, "answer": str(a), "reference": exact})
     return train
