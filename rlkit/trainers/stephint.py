@@ -40,9 +40,7 @@ tokens that are hint or reference tokens).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from trl import GRPOConfig
