@@ -48,6 +48,32 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_hints(args) -> int:
+    from .hints import GenerateConfig, HintConfig, HintError, default_end_marker, run_build
+
+    try:
+        if not args.generate and (args.teacher or args.backend):
+            raise HintError("--teacher/--backend only apply with --generate")
+        end_marker = args.end_marker if args.end_marker is not None else default_end_marker(args.data)
+        config = HintConfig(splitter=args.splitter, m=args.m, min_step_tokens=args.min_step_tokens,
+                            end_marker=end_marker, selection=args.selection, batch_size=args.batch_size,
+                            candidates=args.candidates, fill=not args.no_fill, prompt_template=args.prompt_template)
+        generate = None
+        if args.generate:
+            generate = GenerateConfig(teacher=args.teacher, backend=args.backend or "hf", samples=args.samples,
+                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_p=args.top_p, template=args.template, dtype=args.dtype,
+                                      fallback_to_dataset=args.fallback_to_dataset, seed=args.seed)
+        summary = run_build(args.data, args.out, config, split=args.split, path=args.path, limit=args.limit,
+                            tokenizer=args.tokenizer, scorer=args.scorer, generate=generate, dtype=args.dtype,
+                            chunk_size=args.chunk_size, progress=not args.quiet)
+    except HintError as e:
+        print(f"rlkit: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlkit", description="Post-training toolkit for reasoning LLMs on TRL.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -84,6 +110,47 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     e.add_argument("--output-dir", default=None, help="where completions.jsonl and summary.json go")
     e.set_defaults(func=cmd_eval)
+
+    h = sub.add_parser("hints", help="StepHint: split reference chains into steps and hint levels")
+    hsub = h.add_subparsers(dest="hints_command", required=True)
+    hb = hsub.add_parser("build", help="build a hints jsonl from a data set's solutions or teacher chains")
+    hb.add_argument("--data", required=True, help="gsm8k | math500 | math | aime24 | jsonl:PATH | hub id")
+    hb.add_argument("--split", default="train")
+    hb.add_argument("--path", default=None, help="local jsonl file (or folder) for a known benchmark")
+    hb.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    hb.add_argument("--out", required=True, help="output jsonl; an existing file is resumed (appended)")
+    hb.add_argument("--splitter", choices=["adaptive", "paragraph", "equal"], default="adaptive")
+    hb.add_argument("--m", type=int, default=4, help="steps per chain (hint levels 1..m-1)")
+    hb.add_argument("--min-step-tokens", type=int, default=8, help="minimum tokens per step (the paper's l)")
+    hb.add_argument("--end-marker", default=None,
+                    help="end-of-thinking text whose probability is read (default: '####' for gsm8k, else '</think>')")
+    hb.add_argument("--selection", choices=["salient", "base"], default="salient")
+    hb.add_argument("--candidates", choices=["sentence", "line", "paragraph"], default="sentence",
+                    help="candidate cut points of the adaptive rule")
+    hb.add_argument("--no-fill", action="store_true",
+                    help="keep only boundary-set cuts (no filling from other candidates when too few)")
+    hb.add_argument("--prompt-template", choices=["auto", "plain", "chat", "think_answer", "none"], default="auto",
+                    help="prompt the scorer sees before the chain")
+    hb.add_argument("--scorer", default=None, help="causal LM scoring p(end marker | prefix) (adaptive splitter)")
+    hb.add_argument("--tokenizer", default=None,
+                    help="the policy's tokenizer (default: the scorer's); every cut is splittable under it")
+    hb.add_argument("--batch-size", type=int, default=8, help="chains per scorer forward pass")
+    hb.add_argument("--chunk-size", type=int, default=64, help="rows built and appended to --out at a time")
+    hb.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    hb.add_argument("--generate", action="store_true", help="generate reference chains with --teacher")
+    hb.add_argument("--teacher", default=None, help="stronger model generating the chains")
+    hb.add_argument("--backend", choices=["hf", "vllm"], default=None, help="teacher generation backend (default hf)")
+    hb.add_argument("--samples", type=int, default=4, help="chains per problem; the first that verifies is kept")
+    hb.add_argument("--max-new-tokens", type=int, default=4096)
+    hb.add_argument("--temperature", type=float, default=0.6)
+    hb.add_argument("--top-p", type=float, default=0.95)
+    hb.add_argument("--template", choices=["auto", "plain", "chat", "think_answer"], default="auto",
+                    help="teacher prompt template")
+    hb.add_argument("--seed", type=int, default=None, help="sampling seed for the teacher")
+    hb.add_argument("--fallback-to-dataset", action="store_true",
+                    help="use the data set's solution when no teacher chain verifies (default: drop the row)")
+    hb.add_argument("--quiet", action="store_true", help="no progress bar")
+    hb.set_defaults(func=cmd_hints)
     return p
 
 

@@ -3,8 +3,8 @@ hint-token rule on hand-made batches, metrics, and end-to-end runs through the r
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 
 import pytest
 import torch
@@ -161,7 +161,6 @@ def test_group_advantages_and_hint_token_rule(tmp_path, rule):
     members; hint/reference tokens never get a negative advantage (clip) or leave the loss (mask)."""
     engine = ScriptedEngine()
     trainer = make_trainer(tmp_path, engine=engine, hint_token_rule=rule)
-    tok = trainer.processing_class
     inputs = [dict(ROW) for _ in range(12)]
     trainer.model.train()
     batch = trainer._generate_and_score_completions(inputs)
@@ -215,3 +214,54 @@ def test_eval_has_no_hints(tmp_path):
     trainer._generate_and_score_completions([dict(ROW) for _ in range(12)])
     assert not any(t.startswith(STEPS[0]) for t in engine.completions[0][:11] if t)
     assert "".join(STEPS) not in engine.completions[0]
+
+
+def _stephint_recipe(tmp_path, **trainer):
+    t = dict(per_device_train_batch_size=12, max_completion_length=12, max_steps=1, logging_steps=1,
+             learning_rate=1e-3, save_strategy="no", dataloader_num_workers=0, beta=0.0)
+    t.update(trainer)
+    return recipe_from_dict({
+        "method": "stephint", "seed": 0, "output_dir": str(tmp_path / "run"), "plot": False,
+        "model": {"name": "tiny", "tiny": TINY},
+        "data": {"train": {"name": "synthetic", "template": "plain", "limit": 24,
+                           "synthetic": {"num_train": 24, "num_test": 4, "max_operand": 12, "slip_rate": 0.9}}},
+        "rewards": [{"name": "math_accuracy"}], "reward_engine": {"num_workers": 1}, "trainer": t})
+
+
+@pytest.mark.parametrize("splitter", ["adaptive", "paragraph"])
+def test_end_to_end_builds_hints_and_trains(tmp_path, splitter):
+    """recipe -> hints split at the start of the run (cached) -> one StepHint step -> saved model; a second
+    run reads the same hints through ``hints_path``."""
+    from rlkit.hints import read_hints
+    from rlkit.pipeline import run_one
+
+    (run,) = resolve_runs(_stephint_recipe(tmp_path, hint_splitter=splitter, hint_end_marker="####",
+                                           hint_min_step_tokens=2))
+    summary = run_one(run)
+    out = tmp_path / "run"
+    hints = read_hints(out / "hints.jsonl")
+    assert len(hints) == 24
+    for row in hints:
+        assert "".join(row["steps"]) == row["reference"]  # the exact chain, not the slipped solution
+        assert row["reference"].endswith(f"#### {row['answer']}")
+        assert all(h == "".join(row["steps"][: j + 1]) for j, h in enumerate(row["hints"]))
+    logs = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    assert len(logs) == 1 and logs[0]["stephint/accuracy_level_ref"] == 1.0  # the exact chain always verifies
+    assert 0 < logs[0]["stephint/hint_token_share"] < 1
+    assert sum(logs[0][f"rewards/status/{s}"] for s in ("ok", "wrong", "unparseable", "timeout", "error")) == 12
+    assert (out / "final" / ".rlkit_done").exists() and summary["final_model"]
+
+    (run2,) = resolve_runs(_stephint_recipe(tmp_path / "second", hints_path=str(out / "hints.jsonl")))
+    run_one(run2)
+    assert not (tmp_path / "second" / "run" / "hints.jsonl").exists()  # read, not rebuilt
+
+
+def test_missing_references_is_a_clear_error(tmp_path, write_jsonl):
+    from rlkit.pipeline import run_one
+
+    path = write_jsonl([{"question": f"{i}+1", "answer": str(i + 1)} for i in range(12)])
+    recipe = _stephint_recipe(tmp_path)
+    (run,) = resolve_runs(recipe)
+    run.data.train = dataclasses.replace(run.data.train, name=f"jsonl:{path}", synthetic={}, limit=None)
+    with pytest.raises(RecipeError, match="no reference solutions.*rlkit hints build"):
+        run_one(run)

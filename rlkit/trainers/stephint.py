@@ -273,7 +273,7 @@ def _with_steps(run, ctx, args: StepHintConfig):
         _log(f"stephint: hints for {len(rows) - missing}/{len(rows)} problems from {args.hints_path}")
         return datasets.Dataset.from_list(rows)
     if not any(hintlib.reference_of(r) for r in rows):
-        raise RecipeError("stephint: the training data has no reference solutions (a `solution` column) and no "
+        raise RecipeError("stephint: the training data has no reference solutions (a `reference` or `solution` column) and no "
                           "trainer.hints_path is set; build hints with `rlkit hints build` first")
     from pathlib import Path
 
