@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -38,3 +39,27 @@ def test_grpo_overhead_cli(repo_root):
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0
     assert "--steps must exceed --warmup" in bad.stderr
+
+
+def test_rewards_smoke(repo_root, data_dir, tmp_path):
+    """bench/rewards.py --smoke: the RESULT line carries parseable speedup / agreement / worst_batch_s (targets
+    are not checked here), the per-figure lines come first, and --out writes the JSON report."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               RLKIT_DATA_DIR=str(data_dir))
+    out = tmp_path / "rewards.json"
+    proc = subprocess.run([sys.executable, str(repo_root / "bench" / "rewards.py"), "--smoke", "--out", str(out)],
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = _result(proc.stdout)
+    for key in ("speedup", "agreement", "worst_batch_s"):
+        assert key in res, res
+        value = float(res[key])
+        assert value == value and value >= 0  # a number, not NaN
+    assert 0.0 <= float(res["agreement"]) <= 1.0
+    assert int(res["n"]) == 64
+    for figure in ("rlkit total wall", "trl total wall", "speedup trl/rlkit", "worst batch", "agreement on"):
+        assert figure in proc.stdout, figure
+    report = json.loads(out.read_text())
+    assert abs(report["figures"]["agreement"] - float(res["agreement"])) < 1e-4
+    assert isinstance(report["disagreements"], list) and report["adversarial"]
+    assert report["figures"]["markers"] == []  # no code payload ran

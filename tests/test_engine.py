@@ -155,6 +155,113 @@ def test_huge_number_is_not_equal_to_gold(engine):
     assert _acc()(prompts=["q"], completions=[huge], answer=["3"]) == [0.0]
 
 
+# ---- adversarial inputs (nesting, power towers, megabyte strings, code payloads) ----------------------
+MB = 10**6
+NORMAL = (["so \\boxed{4}", "\\boxed{\\frac{1}{2}}", "I give up", "#### 1,000"], ["4", "0.5", "4", "1000"],
+          ["ok", "ok", "unparseable", "ok"])
+
+
+def _assert_pool_usable(eng):
+    """A normal batch right after the adversarial one scores correctly and quickly."""
+    comps, golds, expected = NORMAL
+    t0 = time.monotonic()
+    scores, statuses = eng.score([_acc()], ["q"] * len(comps), comps, columns={"answer": golds})
+    assert statuses == expected and [s[0] for s in scores] == [1.0, 1.0, 0.0, 1.0]
+    assert time.monotonic() - t0 < 15.0  # includes restarting killed workers
+
+
+def test_adversarial_nesting_towers_and_megabyte_strings_meet_item_deadline(engine):
+    """Each item is cut at its deadline (or finishes sooner) and scores 0; new families beyond
+    test_adversarial_math_inputs_meet_deadline: brace/sqrt nesting, the 2-tower, a tower that cancels,
+    megabyte answers in <answer> tags and "the answer is" lines (math-verify works on them for seconds), and a
+    megabyte run of spaces after "The answer is x" (the answer-extraction regex backtracks quadratically)."""
+    items = [
+        "\\boxed{" + "{" * 3000 + "1" + "}" * 3000 + "}",  # deep brace nesting (balanced, so it is extracted)
+        "\\boxed{" + "\\sqrt{" * 2000 + "2" + "}" * 2000 + "}",
+        "\\boxed{2^{2^{2^{2^{2^{2}}}}}}",
+        "\\boxed{10^{10^{10}} - 10^{10^{10}} + 3}",  # equals the gold only if someone evaluates it
+        "<answer>" + "1+" * (MB // 2) + "1</answer>",
+        "The answer is " + "x" * MB,
+        "The answer is x" + " " * MB + "y",  # quadratic in rlkit_rewards.text's "answer is" pattern: hours in-process
+    ]
+    t0 = time.monotonic()
+    scores, statuses = engine.score([_acc()], ["q"] * len(items), items, columns={"answer": ["3"] * len(items)})
+    elapsed = time.monotonic() - t0
+    assert all(s == [0.0] for s in scores), list(zip(scores, statuses))
+    assert set(statuses) <= {"wrong", "unparseable", "timeout"}, statuses
+    assert all(t < ITEM_TIMEOUT + 1.0 for t in engine.last_item_seconds), engine.last_item_seconds
+    assert elapsed < 30.0 + 1.0  # the engine's batch deadline
+    _assert_pool_usable(engine)
+
+
+def test_adversarial_batch_meets_batch_deadline_and_pool_recovers():
+    """A batch of expensive inputs (every one needs its whole item deadline, more than the batch deadline
+    allows) returns within batch deadline + 1 s, all scored 0, and the same pool then scores normally."""
+    items = [
+        "\\boxed{10^{10^{10^{10}}}}",
+        "\\boxed{\\frac{1}{7} + 0 \\cdot 7^{7^{7^{7}}}}",  # hangs trl's accuracy_reward (str() outside timeouts)
+        "\\boxed{(10^{10})!}",
+        "\\boxed{" + "\\left(" * 2000 + "1" + "\\right)" * 2000 + "}",
+        "\\boxed{" + "[" * 5000 + "1" + "]" * 5000 + "}",
+        "\\boxed{" + "\\frac{1}{" * 400 + "2" + "}" * 400 + "}",
+        "Counting gives $\\boxed{" + "7" * MB + "}$",
+        "#### " + "9" * MB,
+        "\\boxed{9^9^9^9}",
+        "{" * MB + " so \\boxed{",
+        "Let me reconsider. " * (MB // 19),
+    ]
+    batch_timeout = 3.0
+    with RewardEngine(num_workers=2, item_timeout=ITEM_TIMEOUT, batch_timeout=batch_timeout) as eng:
+        eng.score([_acc()], ["q"], ["\\boxed{1}"], columns={"answer": ["1"]})  # start the pool off the clock
+        t0 = time.monotonic()
+        scores, statuses = eng.score([_acc()], ["q"] * len(items), items, columns={"answer": ["3"] * len(items)})
+        elapsed = time.monotonic() - t0
+        assert elapsed < batch_timeout + 1.0, elapsed
+        assert all(s == [0.0] for s in scores), list(zip(scores, statuses))
+        assert set(statuses) <= {"wrong", "unparseable", "timeout"}, statuses
+        assert "timeout" in statuses and eng.stats["workers_killed"] >= 1
+        assert not any(w.task is not None for w in eng._workers)  # nothing left running
+        eng.batch_timeout = 30.0  # replacement workers start inside the next call; don't race that
+        _assert_pool_usable(eng)
+
+
+CODE_PAYLOADS = [
+    "\\boxed{__import__('os').system('touch {m}')}",
+    "\\boxed{Symbol('x').__class__.__init__.__globals__['__builtins__']['__import__']('os').system('touch {m}')}",
+    "\\boxed{sympify(\"__import__('os').system('touch {m}')\")}",
+    "\\boxed{S(\"exec(open('{m}', 'w'))\")}",
+    "\\boxed{\\text{(lambda: __import__('subprocess').call(['touch', '{m}']))()}}",
+    "\\boxed{eval(compile(\"open('{m}','w')\", 'x', 'exec'))}",
+    "<answer>getattr(__builtins__, 'exec')(\"open('{m}', 'w')\")</answer>",
+    "Final answer: __import__('os').system('touch {m}')",
+    "\\boxed{1} and then \\boxed{().__class__.__base__.__subclasses__()}",
+    "$\\boxed{\\mathrm{exec}(\\text{open('{m}','w')})}$",
+]
+
+
+def test_code_payloads_never_execute(engine, tmp_path):
+    """Answers (and golds) that would run code if anything evaluated them: nothing runs, in the workers or in
+    a direct in-process call, everything scores 0, and every item meets its deadline."""
+    marker = tmp_path / "PWNED"
+    comps = [p.replace("{m}", str(marker)) for p in CODE_PAYLOADS]
+    t0 = time.monotonic()
+    scores, statuses = engine.score([_acc()], ["q"] * len(comps), comps, columns={"answer": ["3"] * len(comps)})
+    assert time.monotonic() - t0 < 30.0 + 1.0
+    assert all(t < ITEM_TIMEOUT + 1.0 for t in engine.last_item_seconds)
+    assert all(s == [0.0] for s in scores), list(zip(scores, statuses))
+    assert set(statuses) <= {"wrong", "unparseable", "timeout"}
+    # the payload as the gold answer (a poisoned dataset row), against a matching and a plain completion
+    golds = [c for c in comps if "\\boxed{" in c][:4]
+    scores, statuses = engine.score([_acc()], ["q"] * 8, golds + ["\\boxed{3}"] * 4,
+                                    columns={"answer": golds + golds})
+    assert all(t < ITEM_TIMEOUT + 1.0 for t in engine.last_item_seconds)
+    assert [s[0] for s in scores[4:]] == [0.0] * 4
+    # directly, in this process (how an unpicklable reward or plain TRL would run them)
+    assert _acc()(prompts=["q"] * len(comps), completions=comps, answer=["3"] * len(comps)) == [0.0] * len(comps)
+    assert not marker.exists() and list(tmp_path.iterdir()) == []
+    _assert_pool_usable(engine)
+
+
 def test_batch_deadline():
     with RewardEngine(num_workers=1, item_timeout=30.0, batch_timeout=2.5, preload=False) as eng:
         t0 = time.monotonic()

@@ -298,3 +298,24 @@ def test_calibrated_rm_hf_model_id(tmp_path, char_tokenizer):
     out = f(prompts=["q", "q", [{"role": "user", "content": "q"}]], completions=comps, **TRAIN)
     assert out[1] == 0.0 and all(isinstance(x, float) and math.isfinite(x) for x in out)
     assert out == f(prompts=["q", "q", [{"role": "user", "content": "q"}]], completions=comps, **TRAIN)
+
+
+def test_costly_answers_are_rejected_in_process_quickly():
+    """Model output is untrusted: answers far costlier than their gold (megabytes, deep nesting, power towers,
+    huge exponents) are rejected before sympy sees them, in-process and fast; legitimate powers still verify."""
+    import time
+
+    from rlkit_rewards.math import verify_answer
+    from rlkit_rewards.text import extract_answer
+
+    costly = ["1" * 1_000_000, "7^{7^{7^{7}}}", "\\frac{1}{7} + 0 \\cdot 7^{7^{7^{7}}}", "9^9^9^9",
+              "{" * 5000 + "1" + "}" * 5000, "\\sqrt{" * 200 + "2" + "}" * 200, "2^{100000000}",
+              "10^{10^{10}} - 10^{10^{10}} + 3", "x+" * 400 + "1"]
+    for answer in costly:
+        t0 = time.perf_counter()
+        assert verify_answer("3", answer) is False
+        assert time.perf_counter() - t0 < 0.5, answer[:40]
+    assert verify_answer("2^{2015}", "2^{2015}")
+    assert verify_answer("2^{2^{n}}", "2^{2^n}")  # nesting the gold has is allowed
+    assert verify_answer("3^{100}", "3^{100}") and not verify_answer("3^{100}", "3^{101}")
+    assert extract_answer("so the answer is \\boxed{3") is None  # unbalanced box: no final answer

@@ -126,6 +126,10 @@ def _worker_main(conn, parent_pid: int, preload: bool) -> None:
             from math_verify import parse, verify
 
             verify(parse("$1$"), parse("\\boxed{1}"))
+            # a pair math-verify settles with sympy's simplify(), whose first call imports
+            # sympy.physics.units and more (~0.1-0.25 s) that would otherwise land on the first
+            # symbolic item of every fresh or replacement worker
+            verify(parse("$\\sqrt{2}$"), parse("\\boxed{2}"))
         except Exception:  # noqa: BLE001 - warm-up only
             pass
     cache: dict[bytes, list[Callable]] = {}

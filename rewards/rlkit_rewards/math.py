@@ -7,6 +7,10 @@ values must be equal, otherwise they must agree within ``rel_tol`` relative to t
 a percent sign on one side only accepts either reading ("25%" matches 25 and 0.25); (3) otherwise
 math-verify with the gold answer first (``verify`` is not symmetric); a univariate inequality answer is
 compared as a set when the gold is an interval, and a tuple answer as a column vector when the gold is one.
+Before (3), answers far costlier than their gold are rejected without parsing (model output is untrusted and
+sympy can spend minutes on it): more than ``max(256, 4 x len(gold))`` characters, braces nested deeper than
+``max(12, 2 x gold's + 2)``, exponents nested (``a^{b^{c}}``, ``9^9^9``) deeper than the gold's, or an integer
+exponent above ``max(10^4, 10 x the gold's largest)``. Such an answer cannot equal a gold that has none of it.
 math-verify's own timeouts use SIGALRM and only work on the main thread; off the main thread they
 are disabled here, so callers that need a hard deadline must run rewards through a process engine.
 """
@@ -195,14 +199,66 @@ def _math_verify(gold: str, predicted: str) -> bool:
     return False
 
 
+_EXPONENT_INT = re.compile(r"\^\s*\{?\s*(\d+)")
+_CHAINED_POWER = re.compile(r"\^\s*[\w.]+\s*\^")
+
+
+def _cost_profile(s: str) -> tuple[int, int, int, int]:
+    """(length, brace depth, exponent nesting depth, largest integer exponent) of an answer, in one pass
+    plus two regex scans; all linear in the length."""
+    depth = max_depth = 0
+    power_stack: list[bool] = []  # per open brace: was it opened right after a caret?
+    power_depth = max_power = 0
+    pending_caret = False
+    for ch in s:
+        if ch == "{":
+            depth += 1
+            max_depth = max(max_depth, depth)
+            power_stack.append(pending_caret)
+            if pending_caret:
+                power_depth += 1
+                max_power = max(max_power, power_depth)
+            pending_caret = False
+        elif ch == "}":
+            if power_stack and power_stack.pop():
+                power_depth -= 1
+            depth = max(0, depth - 1)
+        elif ch == "^":
+            pending_caret = True
+            max_power = max(max_power, power_depth + 1)
+        elif not ch.isspace():
+            pending_caret = False
+    if _CHAINED_POWER.search(s):  # 9^9^9: a caret after a caret's bare operand nests too
+        max_power = max(max_power, 2)
+    biggest = 0
+    for m in _EXPONENT_INT.finditer(s):
+        digits = m.group(1)
+        biggest = max(biggest, 10**9 if len(digits) > 9 else int(digits))
+    return len(s), max_depth, max_power, biggest
+
+
+def _too_costly(gold: str, predicted: str) -> bool:
+    """A predicted answer far costlier to parse than the gold can never equal it (module docstring)."""
+    if len(predicted) > max(256, 4 * len(gold)):
+        return True
+    g_len, g_depth, g_power, g_exp = _cost_profile(gold)
+    _, p_depth, p_power, p_exp = _cost_profile(predicted)
+    return (p_depth > max(12, 2 * g_depth + 2) or p_power > max(1, g_power)
+            or p_exp > max(10_000, 10 * g_exp))
+
+
 def verify_answer(gold: str, predicted: str, rel_tol: float = 1e-6) -> bool:
     """True when ``predicted`` is mathematically equal to ``gold`` (see the module docstring for the rules)."""
+    if len(predicted) > max(1024, 8 * len(gold)):  # before any normalisation: a megabyte answer costs seconds
+        return False
     g, p = _normalize(gold), _normalize(predicted)
     if not g or not p:
         return False
     gn, pn = parse_number_parts(g), parse_number_parts(p)
     if gn is not None and pn is not None:
         return _numbers_match(gn, pn, rel_tol)
+    if _too_costly(g, p):
+        return False
     return _math_verify(g, p)
 
 

@@ -102,6 +102,8 @@ def extract_answer(text: str) -> str | None:
     for trigger in reversed(list(_ANSWER_TRIGGER.finditer(text))):
         said = _ANSWER_BODY.match(text, trigger.end())
         if said:
+            if "\\boxed" in said.group(1) or "\\fbox" in said.group(1):
+                return None  # an unbalanced \boxed{ (a balanced one was found above): no final answer
             return _unwrap(said.group(1))
     return None
 
