@@ -19,7 +19,7 @@ GRPO, per seed and averaged.
     python bench/noisy_rewards.py --smoke             # seconds: 1 seed, 2 + 2 steps (tests)
     python bench/noisy_rewards.py --seeds 0 1 2 --jobs 12 --threads 1 --out runs/noisy
 
-Ends with ``RESULT acc_sft=... acc_p0=... acc_p0.2=... acc_p0.4=... acc_rpr=...`` (means over seeds).
+Ends with ``RESULT acc_sft=... acc_p0=... acc_p02=... acc_p04=... acc_rpr=...`` (means over seeds).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         Path(a.json).write_text(json.dumps({
             "sft": res["sft"], "means": means,
             "runs": {f"{c}/seed{s}": v for (s, c), v in res["grpo"].items()}}, indent=1) + "\n")
-    print("RESULT " + " ".join(f"acc_{k}={v:.4f}" for k, v in means.items()))
+    print("RESULT " + " ".join(f"acc_{k.replace('.', '')}={v:.4f}" for k, v in means.items()))
     return 0
 
 

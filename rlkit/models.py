@@ -70,8 +70,9 @@ def build_char_tokenizer():
     )
 
 
-def build_tiny_model(tiny, tokenizer, seed: int = 0):
-    """A randomly initialised ``LlamaForCausalLM`` with the shape in ``tiny`` (a TinyModelSpec)."""
+def build_tiny_model(tiny, tokenizer, seed: int = 0, attn_implementation: str | None = None):
+    """A randomly initialised ``LlamaForCausalLM`` with the shape in ``tiny`` (a TinyModelSpec); the
+    attention implementation defaults to transformers' choice (sdpa)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if tiny.hidden_size % tiny.num_attention_heads:
@@ -85,6 +86,8 @@ def build_tiny_model(tiny, tokenizer, seed: int = 0):
         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
@@ -190,7 +193,7 @@ def load_model(spec, seed: int = 0):
 
     tokenizer = load_tokenizer(spec)
     if spec.name == "tiny":
-        model = build_tiny_model(spec.tiny, tokenizer, seed=seed)
+        model = build_tiny_model(spec.tiny, tokenizer, seed=seed, attn_implementation=spec.attn_implementation)
         if spec.dtype not in ("auto", "float32"):
             model = model.to(DTYPES[spec.dtype])
     else:
