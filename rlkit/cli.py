@@ -74,6 +74,47 @@ def cmd_hints(args) -> int:
     return 0
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _settings(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        return tuple((int(a), int(b)) for a, b in (x.lower().split("x") for x in text.split(",") if x.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NxN pairs like 20x50,40x25, got {text!r}") from None
+
+
+def cmd_pear(args) -> int:
+    from .models import load_model
+    from .patches.pear import PearConfig, PearError, kv_retrieval_examples, load_texts, run_pear
+    from .recipe import ModelSpec
+
+    try:
+        config = PearConfig(heads=args.heads, positive_only=not args.all_signs, scoring=args.scoring,
+                            metric=args.metric, steps=args.steps, batch_size=args.batch_size,
+                            micro_batch_size=args.micro_batch_size, n=args.n, lr=args.lr, seed=args.seed,
+                            eval_n=args.eval_n, eval_samples=args.eval_samples, bos=args.bos,
+                            **({"settings": args.settings} if args.settings else {}))
+        config.validate()
+        model, tokenizer = load_model(ModelSpec(name=args.model, dtype=args.dtype))
+        kv = None
+        if args.kv_data:
+            kv = kv_retrieval_examples(load_texts(args.kv_data, limit=args.kv_texts), tokenizer,
+                                       examples=args.kv_examples, pairs=args.kv_pairs, seed=args.seed)
+        report = run_pear(model, tokenizer, config, out_dir=args.out, kv_examples=kv, progress=not args.quiet)
+    except PearError as e:
+        print(f"rlkit: error: {e}", file=sys.stderr)
+        return 2
+    brief = {k: v for k, v in report.items() if k not in ("scores", "train", "config")}
+    brief["train"] = {k: report["train"][k] for k in ("loss_first", "loss_last")}
+    print(json.dumps(brief, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlkit", description="Post-training toolkit for reasoning LLMs on TRL.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,6 +192,38 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use the data set's solution when no teacher chain verifies (default: drop the row)")
     hb.add_argument("--quiet", action="store_true", help="no progress bar")
     hb.set_defaults(func=cmd_hints)
+
+    pe = sub.add_parser("pear", help="PEAR: find copy-suppression heads, train one scale each, fold into o_proj",
+                        description="Score every attention head on the proxy copying task, train one coefficient "
+                                    "per chosen head with the model frozen, fold the coefficients into o_proj and "
+                                    "save the model (safetensors) with pear_report.json. Defaults are the paper's.")
+    pe.add_argument("--model", required=True, help="hub id, local path, built-in name or `tiny`")
+    pe.add_argument("--out", required=True, help="output folder for the re-weighted model and pear_report.json")
+    pe.add_argument("--heads", type=int, default=None,
+                    help="K heads to re-weight (default: the paper's 40/1024 of all heads, at least 1)")
+    pe.add_argument("--all-signs", action="store_true", help="take the top-K even if their Delta <= 0")
+    pe.add_argument("--steps", type=int, default=2500, help="optimizer steps (paper: 2500)")
+    pe.add_argument("--batch-size", type=int, default=20, help="sequences per step (paper: 20)")
+    pe.add_argument("--micro-batch-size", type=int, default=None, help="sequences per forward (grad accumulation)")
+    pe.add_argument("--n", type=int, default=50, help="tokens per copy in training sequences (paper: 50)")
+    pe.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (paper: 5e-3)")
+    pe.add_argument("--settings", type=_settings, default=None,
+                    help="scoring (N samples)x(n) pairs (default: 20x50,40x25,80x15,100x10)")
+    pe.add_argument("--scoring", choices=["path", "ablation"], default="path",
+                    help="path: released-code path patching (cheap); ablation: full mean ablation")
+    pe.add_argument("--metric", choices=["relative", "difference"], default="relative")
+    pe.add_argument("--bos", action="store_true", help="prepend BOS to the proxy sequences")
+    pe.add_argument("--eval-n", type=_int_list, default=(10, 25, 50), help="held-out copy lengths, e.g. 10,25,50")
+    pe.add_argument("--eval-samples", type=int, default=64, help="held-out sequences per copy length")
+    pe.add_argument("--kv-data", default=None,
+                    help="jsonl of real text (e.g. gsm8k_train.jsonl) for the key-value retrieval before/after")
+    pe.add_argument("--kv-texts", type=int, default=2000, help="rows of --kv-data to draw values from")
+    pe.add_argument("--kv-examples", type=int, default=50)
+    pe.add_argument("--kv-pairs", type=int, default=20, help="key-value lines per example")
+    pe.add_argument("--seed", type=int, default=0)
+    pe.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    pe.add_argument("--quiet", action="store_true", help="no progress bars")
+    pe.set_defaults(func=cmd_pear)
     return p
 
 

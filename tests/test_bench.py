@@ -63,3 +63,33 @@ def test_rewards_smoke(repo_root, data_dir, tmp_path):
     assert abs(report["figures"]["agreement"] - float(res["agreement"])) < 1e-4
     assert isinstance(report["disagreements"], list) and report["adversarial"]
     assert report["figures"]["markers"] == []  # no code payload ran
+
+
+def _run_bench(repo_root, script: str, *args: str, timeout: int = 600) -> tuple[str, dict[str, str]]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, str(repo_root / "bench" / script), *args], cwd=repo_root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout, _result(proc.stdout)
+
+
+def test_stephint_vs_grpo_smoke(repo_root, tmp_path):
+    out, res = _run_bench(repo_root, "stephint_vs_grpo.py", "--smoke", "--jobs", "1", "--out", str(tmp_path))
+    for key in ("steps_ratio", "acc_stephint", "acc_grpo", "acc_replay"):
+        assert key in res and (res[key] == "inf" or float(res[key]) >= 0), res
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["finals"]) == {"grpo", "stephint", "replay"}
+    assert (tmp_path / "stephint_vs_grpo.png").stat().st_size > 0
+    hints = [json.loads(ln) for ln in (tmp_path / "seed0" / "stephint" / "rl" / "hints.jsonl").read_text().splitlines()]
+    assert hints and all("".join(h["steps"]) == h["reference"] for h in hints)
+
+
+def test_noisy_rewards_smoke(repo_root, tmp_path):
+    out, res = _run_bench(repo_root, "noisy_rewards.py", "--smoke", "--conditions", "p0.4", "rpr",
+                          "--out", str(tmp_path), "--json", str(tmp_path / "r.json"))
+    for key in ("acc_sft", "acc_p04", "acc_rpr"):
+        assert key in res and 0 <= float(res[key]) <= 1, res
+    runs = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert set(runs) == {"p0.4/seed0", "rpr/seed0"}
+    history = json.loads((tmp_path / "seed0" / "p0.4" / "grpo" / "log_history.json").read_text())
+    assert any("rewards/noisy_reward/mean" in h for h in history), history[:3]
