@@ -22,6 +22,7 @@ _METHODS: dict[str, str] = {
     "grpo": "rlkit.trainers.grpo:METHOD",
     "sft": "rlkit.trainers.sft:METHOD",
     "stephint": "rlkit.trainers.stephint:METHOD",
+    "pretrain": "rlkit.trainers.pretrain:METHOD",
 }
 
 # Trainer keys that the recipe's top level owns.
