@@ -310,7 +310,7 @@ def test_costly_answers_are_rejected_in_process_quickly():
 
     costly = ["1" * 1_000_000, "7^{7^{7^{7}}}", "\\frac{1}{7} + 0 \\cdot 7^{7^{7^{7}}}", "9^9^9^9",
               "{" * 5000 + "1" + "}" * 5000, "\\sqrt{" * 200 + "2" + "}" * 200, "2^{100000000}",
-              "10^{10^{10}} - 10^{10^{10}} + 3", "x+" * 400 + "1"]
+              "10^{10^{10}} - 10^{10^{10}} + 3", "x+" * 400 + "1", "(10^{10})!", "123456!"]
     for answer in costly:
         t0 = time.perf_counter()
         assert verify_answer("3", answer) is False
@@ -318,4 +318,8 @@ def test_costly_answers_are_rejected_in_process_quickly():
     assert verify_answer("2^{2015}", "2^{2015}")
     assert verify_answer("2^{2^{n}}", "2^{2^n}")  # nesting the gold has is allowed
     assert verify_answer("3^{100}", "3^{100}") and not verify_answer("3^{100}", "3^{101}")
+    assert verify_answer("120", "5!") and verify_answer("3628800", "10!") and verify_answer("10,\\!080", "10080")
     assert extract_answer("so the answer is \\boxed{3") is None  # unbalanced box: no final answer
+    t0 = time.perf_counter()
+    assert extract_answer("The answer is x" + " " * 1_000_000 + "y").startswith("x")  # linear, not quadratic
+    assert time.perf_counter() - t0 < 0.5

@@ -10,7 +10,8 @@ compared as a set when the gold is an interval, and a tuple answer as a column v
 Before (3), answers far costlier than their gold are rejected without parsing (model output is untrusted and
 sympy can spend minutes on it): more than ``max(256, 4 x len(gold))`` characters, braces nested deeper than
 ``max(12, 2 x gold's + 2)``, exponents nested (``a^{b^{c}}``, ``9^9^9``) deeper than the gold's, or an integer
-exponent above ``max(10^4, 10 x the gold's largest)``. Such an answer cannot equal a gold that has none of it.
+exponent above ``max(10^4, 10 x the gold's largest)``, or a factorial of a 4-digit number or of a group
+(``(10^{10})!``) when the gold has none. Such an answer cannot equal a gold that has none of it.
 math-verify's own timeouts use SIGALRM and only work on the main thread; off the main thread they
 are disabled here, so callers that need a hard deadline must run rewards through a process engine.
 """
@@ -201,6 +202,7 @@ def _math_verify(gold: str, predicted: str) -> bool:
 
 _EXPONENT_INT = re.compile(r"\^\s*\{?\s*(\d+)")
 _CHAINED_POWER = re.compile(r"\^\s*[\w.]+\s*\^")
+_BIG_FACTORIAL = re.compile(r"(?:\d{4,}|[)}\]])\s*(?<!\\)!")  # 1000!, (10^{10})! -- not LaTeX's \! space
 
 
 def _cost_profile(s: str) -> tuple[int, int, int, int]:
@@ -244,7 +246,8 @@ def _too_costly(gold: str, predicted: str) -> bool:
     g_len, g_depth, g_power, g_exp = _cost_profile(gold)
     _, p_depth, p_power, p_exp = _cost_profile(predicted)
     return (p_depth > max(12, 2 * g_depth + 2) or p_power > max(1, g_power)
-            or p_exp > max(10_000, 10 * g_exp))
+            or p_exp > max(10_000, 10 * g_exp) or (_BIG_FACTORIAL.search(predicted) is not None
+                                                     and _BIG_FACTORIAL.search(gold) is None))
 
 
 def verify_answer(gold: str, predicted: str, rel_tol: float = 1e-6) -> bool:

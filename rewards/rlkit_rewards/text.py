@@ -47,7 +47,21 @@ _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 # (a period followed by whitespace or the end), so the decimal point in "0.75" does not cut it short. The
 # last trigger wins ("Final Answer: The final answer is $5$." -> "$5$"); one body scan keeps this linear.
 _ANSWER_TRIGGER = re.compile(r"answer\s+is\b|final\s+answer\s*:", re.IGNORECASE)
-_ANSWER_BODY = re.compile(r"[:\s]*(\S.*?)\s*(?:\.(?=\s|$)|\n|$)")
+_SENTENCE_END = re.compile(r"\.(?=\s|$)")
+
+
+def _answer_body(text: str, start: int) -> str | None:
+    """The answer stated after a trigger: from the first character that is not ``:`` or whitespace to the end
+    of that line, cut at the first sentence-ending period, trailing whitespace stripped; None if empty. Plain
+    scans, linear in the length (a backtracking regex here was quadratic in runs of spaces)."""
+    n = len(text)
+    while start < n and text[start] in ": \t\r\n\f\v":  # the answer may start on the next line
+        start += 1
+    end = text.find("\n", start)
+    line = text[start:] if end < 0 else text[start:end]
+    stop = _SENTENCE_END.search(line)
+    body = (line if stop is None else line[: stop.start()]).rstrip()
+    return body or None
 _HASHES = re.compile(r"####\s*([^\n]+)")
 
 
@@ -100,11 +114,11 @@ def extract_answer(text: str) -> str | None:
     if hashes:
         return _unwrap(hashes[-1])
     for trigger in reversed(list(_ANSWER_TRIGGER.finditer(text))):
-        said = _ANSWER_BODY.match(text, trigger.end())
+        said = _answer_body(text, trigger.end())
         if said:
-            if "\\boxed" in said.group(1) or "\\fbox" in said.group(1):
+            if "\\boxed" in said or "\\fbox" in said:
                 return None  # an unbalanced \boxed{ (a balanced one was found above): no final answer
-            return _unwrap(said.group(1))
+            return _unwrap(said)
     return None
 
 
