@@ -77,7 +77,8 @@ class ModelSpec:
 @dataclass
 class DatasetSpec:
     """A dataset: a known benchmark name (``gsm8k``, ``math500``, ``aime24``, ``amc23``), ``synthetic``,
-    a hub id, or ``jsonl:PATH``. ``path`` points a known benchmark at a local jsonl instead of the hub."""
+    a hub id, or ``jsonl:PATH`` (``method: pretrain`` also reads ``txt:PATH``, a whole file as one
+    document). ``path`` points a known benchmark at a local jsonl instead of the hub."""
 
     name: str = "synthetic"
     path: str | None = None
