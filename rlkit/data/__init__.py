@@ -15,43 +15,49 @@ from .benchmarks import BENCHMARKS, DataError, extract_rows, load_hub, local_fil
 from .synthetic import SyntheticConfig, generate
 from .templates import format_prompt
 
-__all__ = ["BENCHMARKS", "DataError", "SyntheticConfig", "build_dataset", "load_rows", "format_prompt",
-           "resolve_template"]
+__all__ = ["BENCHMARKS", "DataError", "SyntheticConfig", "build_dataset", "load_raw_rows", "load_rows",
+           "format_prompt", "resolve_template"]
+
+
+def load_raw_rows(spec) -> tuple[list[dict], str, object]:
+    """``(rows as stored, source name, benchmark or None)`` for a ``DatasetSpec``-like object: synthetic rows,
+    a known benchmark's local jsonl or hub split, ``jsonl:PATH`` or a hub id (no column normalisation)."""
+    name = spec.name
+    if name == "synthetic":
+        try:
+            return generate(SyntheticConfig(**(spec.synthetic or {})), split=spec.split, seed=spec.seed), "synthetic", None
+        except (TypeError, ValueError) as e:
+            raise DataError(f"data.synthetic: {e}") from None
+    if name in BENCHMARKS:
+        bench = BENCHMARKS[name]
+        local = local_file(bench, spec.split, spec.path)
+        if local is not None:
+            return read_jsonl(local), str(local), bench
+        if spec.split not in bench.hub_split:
+            raise DataError(f"{name} has no {spec.split!r} split (splits: {', '.join(bench.hub_split)})")
+        return load_hub(bench.hub_id, bench.hub_config, bench.hub_split[spec.split]), bench.hub_id, bench
+    if name.startswith("jsonl:"):
+        return read_jsonl(name[len("jsonl:"):]), name[len("jsonl:"):], None
+    return load_hub(name, None, spec.split), name, None
 
 
 def load_rows(spec) -> list[dict]:
     """Rows for a ``DatasetSpec``-like object (name, path, split, limit, columns, seed, synthetic)."""
-    name = spec.name
-    if name == "synthetic":
-        try:
-            cfg = SyntheticConfig(**(spec.synthetic or {}))
-            rows = generate(cfg, split=spec.split, seed=spec.seed)
-        except (TypeError, ValueError) as e:
-            raise DataError(f"data.synthetic: {e}") from None
-    elif name in BENCHMARKS:
-        bench = BENCHMARKS[name]
+    raw, source, bench = load_raw_rows(spec)
+    if spec.name == "synthetic":
+        rows = raw
+    elif bench is not None:
         q = spec.question_column or bench.question_column
         a = spec.answer_column or bench.answer_column
         s = spec.solution_column if spec.solution_column is not None else bench.solution_column
-        local = local_file(bench, spec.split, spec.path)
-        if local is not None:
-            raw, source = read_jsonl(local), str(local)
-        else:
-            if spec.split not in bench.hub_split:
-                raise DataError(f"{name} has no {spec.split!r} split (splits: {', '.join(bench.hub_split)})")
-            raw, source = load_hub(bench.hub_id, bench.hub_config, bench.hub_split[spec.split]), bench.hub_id
         rows = extract_rows(raw, q, a, s, bench.gold, source)
     else:
-        if name.startswith("jsonl:"):
-            raw, source = read_jsonl(name[len("jsonl:"):]), name[len("jsonl:"):]
-        else:
-            raw, source = load_hub(name, None, spec.split), name
         rows = extract_rows(raw, spec.question_column or "question", spec.answer_column or "answer",
                             spec.solution_column, None, source)
     if spec.limit is not None:
         rows = rows[: spec.limit]
     if not rows:
-        raise DataError(f"dataset {name!r} (split {spec.split!r}) is empty")
+        raise DataError(f"dataset {spec.name!r} (split {spec.split!r}) is empty")
     return rows
 
 

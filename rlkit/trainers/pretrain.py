@@ -117,8 +117,7 @@ class PretrainConfig(TrainingArguments):
 
 def load_documents(spec, text_fields: list[str], separator: str = "\n") -> list[str]:
     """Documents of a ``DatasetSpec``-like source (see the module docstring for the accepted names)."""
-    from ..data import BENCHMARKS, DataError
-    from ..data.benchmarks import load_hub, local_file, read_jsonl
+    from ..data import DataError, load_raw_rows
 
     name = spec.name
     if name.startswith("txt:"):
@@ -129,29 +128,7 @@ def load_documents(spec, text_fields: list[str], separator: str = "\n") -> list[
         if not text.strip():
             raise DataError(f"{p} is empty")
         return [text]
-    if name.startswith("jsonl:"):
-        source = name[len("jsonl:"):]
-        rows = read_jsonl(source)
-    elif name == "synthetic":
-        from ..data import SyntheticConfig
-        from ..data.synthetic import generate
-
-        try:
-            rows = generate(SyntheticConfig(**(spec.synthetic or {})), split=spec.split, seed=spec.seed)
-        except (TypeError, ValueError) as e:
-            raise DataError(f"data.synthetic: {e}") from None
-        source = "synthetic"
-    elif name in BENCHMARKS:
-        bench = BENCHMARKS[name]
-        local = local_file(bench, spec.split, spec.path)
-        if local is not None:
-            rows, source = read_jsonl(local), str(local)
-        else:
-            if spec.split not in bench.hub_split:
-                raise DataError(f"{name} has no {spec.split!r} split (splits: {', '.join(bench.hub_split)})")
-            rows, source = load_hub(bench.hub_id, bench.hub_config, bench.hub_split[spec.split]), bench.hub_id
-    else:
-        rows, source = load_hub(name, None, spec.split), name
+    rows, source, _ = load_raw_rows(spec)
     if spec.limit is not None:
         rows = rows[: spec.limit]
     docs = []
