@@ -195,8 +195,10 @@ def test_adversarial_nesting_towers_and_megabyte_strings_meet_item_deadline(engi
 
 
 def test_adversarial_batch_meets_batch_deadline_and_pool_recovers():
-    """A batch of expensive inputs (every one needs its whole item deadline, more than the batch deadline
-    allows) returns within batch deadline + 1 s, all scored 0, and the same pool then scores normally."""
+    """A batch of expensive inputs returns within batch deadline + 1 s, all scored 0, and the same pool then
+    scores normally. ``math_accuracy`` now rejects most of these math inputs cheaply (answers far costlier
+    than their gold), so two items that never finish (``SLEEP``) make sure the batch deadline and the kills
+    are exercised too."""
     items = [
         "\\boxed{10^{10^{10^{10}}}}",
         "\\boxed{\\frac{1}{7} + 0 \\cdot 7^{7^{7^{7}}}}",  # hangs trl's accuracy_reward (str() outside timeouts)
@@ -209,17 +211,22 @@ def test_adversarial_batch_meets_batch_deadline_and_pool_recovers():
         "\\boxed{9^9^9^9}",
         "{" * MB + " so \\boxed{",
         "Let me reconsider. " * (MB // 19),
+        "SLEEP \\boxed{3}",
+        "SLEEP again \\boxed{3}",
     ]
     batch_timeout = 3.0
     with RewardEngine(num_workers=2, item_timeout=ITEM_TIMEOUT, batch_timeout=batch_timeout) as eng:
         eng.score([_acc()], ["q"], ["\\boxed{1}"], columns={"answer": ["1"]})  # start the pool off the clock
         t0 = time.monotonic()
-        scores, statuses = eng.score([_acc()], ["q"] * len(items), items, columns={"answer": ["3"] * len(items)})
+        scores, statuses = eng.score([_acc(), sleepy_reward], ["q"] * len(items), items,
+                                     columns={"answer": ["3"] * len(items)})
         elapsed = time.monotonic() - t0
         assert elapsed < batch_timeout + 1.0, elapsed
-        assert all(s == [0.0] for s in scores), list(zip(scores, statuses))
-        assert set(statuses) <= {"wrong", "unparseable", "timeout"}, statuses
-        assert "timeout" in statuses and eng.stats["workers_killed"] >= 1
+        math_items = [i for i, c in enumerate(items) if "SLEEP" not in c]
+        assert all(scores[i][0] == 0.0 for i in math_items), list(zip(scores, statuses))
+        assert {statuses[i] for i in math_items} <= {"wrong", "unparseable", "timeout"}, statuses
+        assert statuses[-2:] == ["timeout", "timeout"] and scores[-2:] == [[0.0, 0.0], [0.0, 0.0]]
+        assert eng.stats["workers_killed"] >= 2
         assert not any(w.task is not None for w in eng._workers)  # nothing left running
         eng.batch_timeout = 30.0  # replacement workers start inside the next call; don't race that
         _assert_pool_usable(eng)
