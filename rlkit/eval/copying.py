@@ -217,6 +217,8 @@ def plot_probe(log_history: list[dict], path: str | Path, title: str = "") -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plot import save_figure
+
     entries = probe_entries(log_history)
     steps = [e["step"] for e in entries]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -256,12 +258,7 @@ def plot_probe(log_history: list[dict], path: str | Path, title: str = "") -> Pa
     ax2.set_title("induction heads by layer")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 class CopyingProbeCallback(TrainerCallback):

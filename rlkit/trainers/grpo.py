@@ -93,6 +93,13 @@ class RLKitGRPOTrainer(GRPOTrainer):
         return gather(rewards)
 
 
+def reward_weights_of(run) -> dict:
+    """``{"reward_weights": [...]}`` when the recipe weights its rewards and the trainer section does not."""
+    if "reward_weights" not in run.trainer and any(r.weight != 1.0 for r in run.rewards):
+        return {"reward_weights": [r.weight for r in run.rewards]}
+    return {}
+
+
 def make_reward_engine(spec):
     """A ``RewardEngine`` for a run's ``reward_engine`` section, or None when it is disabled."""
     if spec is None or not spec.enabled:
@@ -131,18 +138,17 @@ def build_reward_funcs(specs) -> list:
     return funcs
 
 
-def run_grpo(run, ctx, method: Method | None = None, trainer_class: type | None = None, train_dataset=None) -> str:
-    """Train with GRPO (or a GRPO-based ``method`` with its ``trainer_class`` and dataset); returns the path
-    of the saved final model. A trainer class the caller put in ``ctx`` wins when it subclasses
-    ``trainer_class``."""
+def run_grpo(run, ctx, method: Method | None = None, trainer_class: type | None = None, train_dataset=None,
+             args=None) -> str:
+    """Train with GRPO (or a GRPO-based ``method`` with its ``trainer_class``, dataset and already built
+    config ``args``); returns the path of the saved final model. A trainer class the caller put in ``ctx``
+    wins when it subclasses ``trainer_class``."""
     from ..data import build_dataset
     from ..models import peft_config
 
     method = method or METHOD
-    extra = {}
-    if "reward_weights" not in run.trainer and any(r.weight != 1.0 for r in run.rewards):
-        extra["reward_weights"] = [r.weight for r in run.rewards]
-    args = method.trainer_config(run, **extra)
+    if args is None:
+        args = method.trainer_config(run, **reward_weights_of(run))
     train_ds = train_dataset if train_dataset is not None else build_dataset(run.data.train, ctx.tokenizer, shuffle=False)
     cls = ctx.trainer_class or RLKitGRPOTrainer
     if trainer_class is not None and not issubclass(cls, trainer_class):

@@ -47,7 +47,7 @@ from trl import GRPOConfig
 
 from ..recipe import RecipeError
 from .grpo import METHOD as GRPO_METHOD
-from .grpo import RLKitGRPOTrainer, run_grpo
+from .grpo import RLKitGRPOTrainer, reward_weights_of, run_grpo
 from .registry import Method
 
 HINT_TOKEN_RULES = ("clip", "mask", "none")
@@ -299,9 +299,9 @@ def _with_steps(run, ctx, args: StepHintConfig):
 
 
 def run_stephint(run, ctx) -> str:
-    args = METHOD.trainer_config(run)
+    args = METHOD.trainer_config(run, **reward_weights_of(run))
     train_ds = _with_steps(run, ctx, args)
-    return run_grpo(run, ctx, method=METHOD, trainer_class=StepHintTrainer, train_dataset=train_ds)
+    return run_grpo(run, ctx, method=METHOD, trainer_class=StepHintTrainer, train_dataset=train_ds, args=args)
 
 
 METHOD = Method(name="stephint", config_class=lambda: StepHintConfig, run=run_stephint, check=_check)
