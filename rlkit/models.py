@@ -209,11 +209,18 @@ def load_model(spec, seed: int = 0):
             raise ModelError(f"could not load model {spec.name!r}: {e}") from None
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
-    patches = list(getattr(spec, "patches", None) or []) or list(getattr(model.config, "rlkit_patches", None) or [])
-    if patches:
+    # Patches recorded in a checkpoint's config are re-applied first, and the weights they create (MoE
+    # experts) come back from the checkpoint; the spec's patches that the checkpoint does not already have
+    # are applied after them (e.g. upcycling a dense checkpoint, or a pipeline stage adding a patch).
+    recorded = list(getattr(model.config, "rlkit_patches", None) or []) if spec.name != "tiny" else []
+    extra = [p for p in (getattr(spec, "patches", None) or []) if p not in recorded]
+    if recorded or extra:
         from .patches import apply_patches
 
-        apply_patches(model, patches)
+        if recorded:
+            apply_patches(model, recorded, weights_from=path)
+        if extra:
+            apply_patches(model, extra, append=bool(recorded))
     return model, tokenizer
 
 

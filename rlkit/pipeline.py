@@ -196,7 +196,10 @@ def run_recipe(recipe: Recipe, resume: Any = None, **kwargs) -> list[dict]:
     runs = resolve_runs(recipe)
     for i, run in enumerate(runs):
         if previous is not None:
-            run.model = dataclasses.replace(run.model, name=previous, patches=[])
+            # the previous stage's checkpoint records its patches; only patches this stage sets itself
+            # (e.g. upcycling the dense model of the stage before into an MoE) are added on top
+            own = recipe.stages[i].model.get("patches") if recipe.stages else None
+            run.model = dataclasses.replace(run.model, name=previous, patches=list(own or []))
         final = Path(run.output_dir) / "final"
         if (final / DONE_MARKER).exists():
             _log(f"stage {run.name!r} already finished ({final}); skipping")

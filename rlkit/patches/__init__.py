@@ -49,8 +49,15 @@ def available_patches() -> list[str]:
     return sorted(_PATCHES)
 
 
-def apply_patches(model: Any, specs: list[dict]) -> Any:
-    """Apply each ``{"name": ..., **options}`` in order and record the list in the model config."""
+def apply_patches(model: Any, specs: list[dict], weights_from: str | None = None, append: bool = False) -> Any:
+    """Apply each ``{"name": ..., **options}`` in order and record the list in the model config.
+
+    Patches that add parameters (the MoE layers) initialise them; with ``weights_from`` (the checkpoint the
+    model was loaded from, a folder or hub id) the new parameters are then read from that checkpoint's
+    safetensors when it holds them, which is how a saved patched model loads back (``rlkit.models``).
+    With ``append`` the specs are added to the list already recorded in the config (patches applied on
+    top of a patched checkpoint) instead of replacing it."""
+    before = set(model.state_dict())
     applied = []
     for i, spec in enumerate(specs):
         if not isinstance(spec, dict) or "name" not in spec:
@@ -66,5 +73,91 @@ def apply_patches(model: Any, specs: list[dict]) -> Any:
         _PATCHES[name](model, **options)
         applied.append(dict(spec))
     if applied:
-        model.config.rlkit_patches = applied
+        model.config.rlkit_patches = (list(getattr(model.config, "rlkit_patches", None) or []) if append else []) + applied
+        model.__dict__.pop("_rlkit_aux_modules", None)
+    created = [k for k in model.state_dict() if k not in before]
+    if created and weights_from is not None:
+        load_patch_weights(model, weights_from, created)
     return model
+
+
+def _checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint folder or hub id (sharded or not); [] when there are none."""
+    import json
+    import os
+
+    from transformers.utils import cached_file
+
+    if os.path.isdir(path):
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.isfile(index):
+            shards = sorted(set(json.loads(open(index).read())["weight_map"].values()))
+            return [os.path.join(path, f) for f in shards]
+        return [single] if os.path.isfile(single) else []
+    for name in ("model.safetensors.index.json", "model.safetensors"):
+        f = cached_file(path, name, _raise_exceptions_for_missing_entries=False,
+                        _raise_exceptions_for_connection_errors=False)
+        if f is None:
+            continue
+        if name.endswith(".json"):
+            shards = sorted(set(json.loads(open(f).read())["weight_map"].values()))
+            return [cached_file(path, s) for s in shards]
+        return [f]
+    return []
+
+
+def load_patch_weights(model: Any, path: str, names: list[str]) -> int:
+    """Copy the tensors ``names`` (state-dict keys created by patches) from the checkpoint at ``path`` into
+    ``model``; returns how many were found. Keys the checkpoint lacks keep their fresh initialisation (a
+    dense checkpoint being patched for the first time); a checkpoint holding only some of them is an error,
+    since it was saved with different patch options."""
+    from safetensors import safe_open
+
+    wanted = set(names)
+    found: dict[str, Any] = {}
+    for f in _checkpoint_files(path):
+        with safe_open(f, framework="pt") as fh:
+            for key in wanted.intersection(fh.keys()):
+                found[key] = fh.get_tensor(key)
+    if found and len(found) != len(wanted):
+        missing = sorted(wanted - set(found))
+        raise ValueError(f"checkpoint {path!r} holds only some of the patched parameters (missing e.g. "
+                         f"{missing[:3]}); were its patches saved with other options?")
+    if found:
+        state = model.state_dict()
+        for key, value in found.items():
+            if state[key].shape != value.shape:
+                raise ValueError(f"checkpoint {path!r}: {key} has shape {tuple(value.shape)}, the patched model "
+                                 f"expects {tuple(state[key].shape)} (different patch options?)")
+        model.load_state_dict(found, strict=False)
+    return len(found)
+
+
+def auxiliary_modules(model: Any) -> list:
+    """Modules that expose an auxiliary training loss (``aux_loss`` + ``aux_loss_coef``, e.g. the MoE
+    layers of ``rlkit.patches.moe``). The list is cached on the model, so calling this every step is cheap."""
+    cached = model.__dict__.get("_rlkit_aux_modules")
+    if cached is None:
+        cached = [m for m in model.modules() if hasattr(m, "aux_loss") and hasattr(m, "aux_loss_coef")]
+        model.__dict__["_rlkit_aux_modules"] = cached
+    return cached
+
+
+def auxiliary_loss(model: Any) -> tuple[Any, float | None]:
+    """``(weighted, raw_mean)`` over the auxiliary-loss modules after the model's last forward pass.
+
+    ``weighted`` is ``sum(coef * aux_loss)`` over modules with ``coef > 0`` (a tensor that carries the
+    gradient; None when no module adds a loss). ``raw_mean`` is the un-weighted mean of every module's
+    loss, for logging (None when there is no such module or none has run)."""
+    weighted, raw, n = None, 0.0, 0
+    for m in auxiliary_modules(model):
+        aux = m.aux_loss
+        if aux is None:
+            continue
+        raw += float(aux.detach())
+        n += 1
+        if m.aux_loss_coef and aux.requires_grad:
+            term = m.aux_loss_coef * aux
+            weighted = term if weighted is None else weighted + term.to(weighted.device)
+    return weighted, (raw / n if n else None)

@@ -31,11 +31,13 @@ from rlkit_rewards.engine import STATUSES, light_trainer_state
 from trl import GRPOConfig, GRPOTrainer
 
 from ..recipe import RecipeError
+from .aux import AuxLossMixin
 from .registry import Method
 
 
-class RLKitGRPOTrainer(GRPOTrainer):
-    """TRL ``GRPOTrainer`` with rlkit's hooks (reward engine, per-batch post-processing, extra masks)."""
+class RLKitGRPOTrainer(AuxLossMixin, GRPOTrainer):
+    """TRL ``GRPOTrainer`` with rlkit's hooks (reward engine, per-batch post-processing, extra masks) and
+    the auxiliary losses of patched layers (MoE load balancing) added to the policy loss."""
 
     def __init__(self, *args, reward_engine: Any = None, **kwargs):
         super().__init__(*args, **kwargs)

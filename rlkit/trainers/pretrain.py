@@ -51,6 +51,7 @@ import torch
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from ..recipe import RecipeError
+from .aux import AuxLossMixin
 from .registry import Method
 
 
@@ -263,9 +264,10 @@ def perplexity(model, ids: torch.Tensor, context_length: int, batch_size: int = 
     return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "sequences": n}
 
 
-class PretrainTrainer(Trainer):
+class PretrainTrainer(AuxLossMixin, Trainer):
     """``transformers.Trainer`` on packed blocks whose evaluation adds perplexity at several context
-    lengths (``eval_ppl_{L}``) and ``eval_ppl``."""
+    lengths (``eval_ppl_{L}``) and ``eval_ppl``; patched layers' auxiliary losses (MoE load balancing)
+    are added to the training loss (``AuxLossMixin``)."""
 
     def __init__(self, *args, validation_ids: torch.Tensor | None = None, **kwargs):
         kwargs.setdefault("data_collator", default_data_collator)

@@ -11,7 +11,12 @@ from __future__ import annotations
 from trl import SFTConfig, SFTTrainer
 
 from ..recipe import RecipeError
+from .aux import AuxLossMixin
 from .registry import Method
+
+
+class RLKitSFTTrainer(AuxLossMixin, SFTTrainer):
+    """TRL's ``SFTTrainer`` plus the auxiliary losses of patched layers (MoE load balancing)."""
 
 
 def _check(run, where: str) -> None:
@@ -36,7 +41,7 @@ def sft_dataset(spec, tokenizer):
 
 def run_sft(run, ctx) -> str:
     args = METHOD.trainer_config(run)
-    trainer = SFTTrainer(
+    trainer = RLKitSFTTrainer(
         model=ctx.model, args=args, train_dataset=sft_dataset(run.data.train, ctx.tokenizer),
         processing_class=ctx.tokenizer, callbacks=ctx.callbacks,
     )

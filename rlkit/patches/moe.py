@@ -1,0 +1,697 @@
+"""Mixture-of-Experts MLPs: Autonomy-of-Experts (AoE; Lv, Xie, Qian, Wu, Sun, Kang, Wang, Yan; arXiv 2501.13074,
+ICML 2025) and a standard learned-router top-K MoE to compare it with (spec ``model-patches.md`` section 1).
+
+Both layers replace a dense SwiGLU MLP (``down(SiLU(x W_gate) * x W_up)``) by ``n`` SwiGLU experts of width
+``D_w`` of which every token uses ``K``. They differ only in how the experts are chosen.
+
+- **AoE** (``AoEMoE``, patch ``"aoe"``) has no router. Each expert's gate matrix is factorized,
+  ``W_g^i = W_down^i W_up^i`` (``W_down^i: [d, r]``, ``W_up^i: [r, D_w]``, ``r = d_low``), and every expert
+  scores itself by the L2 norm of its own low-rank activation:
+
+  1. ``C = x . [W_down^1 ... W_down^n]`` in one GEMM, ``[T, n*r]``, viewed as ``[T, n, r]`` and kept;
+  2. ``s_i = ||C[:, i, :]||_2`` (computed in float32; no activation before the norm);
+  3. ``p = softmax(s)``, ``(w_K, idx) = topk(p, K)``, and with ``renormalize`` ``w_K /= sum(w_K)``;
+  4. only the selected experts finish, reusing ``C``: ``y_i = (SiLU(C_i W_up^i) * (x W_p^i)) W_o^i`` and
+     ``y = sum_k w_k y_{idx_k}``. The other experts stop after ``W_down``.
+
+- **Top-K MoE** (``TopKMoE``, patch ``"moe"``): a learned linear router ``W_r: [d, n]``,
+  ``p = softmax(x W_r)`` (float32), the same top-K / renormalization, and full-rank SwiGLU experts
+  ``y_i = (SiLU(x W_g^i) * (x W_p^i)) W_o^i``.
+
+Parameters and their state-dict names (under ``model.layers.{i}.mlp.``; stable, reloaded by name):
+
+==========  =====================  =========================================================================
+layer       name                   shape
+==========  =====================  =========================================================================
+AoEMoE      ``w_down``             ``[d, n*r]`` (expert ``i`` owns columns ``i*r:(i+1)*r``)
+AoEMoE      ``w_up``               ``[n, r, D_w]``
+both        ``w_p``                ``[n, d, D_w]`` (the "up" / linear branch of SwiGLU)
+both        ``w_o``                ``[n, D_w, d]`` (the output / "down" projection)
+TopKMoE     ``w_router``           ``[d, n]``
+TopKMoE     ``w_g``                ``[n, d, D_w]`` (the gate branch, inside SiLU)
+==========  =====================  =========================================================================
+
+No buffers are added; ``model.state_dict()`` round-trips through ``load_state_dict``. The dense ``gate_proj``
+/ ``up_proj`` / ``down_proj`` of a patched layer are gone from the state dict. Saving and reloading: a
+``save_pretrained`` checkpoint holds these names; ``from_pretrained`` of the base architecture reports them as
+unexpected (and the dense MLP weights as missing), and re-applying the recorded patch creates the parameters
+with their seeded initial values, so a loader must copy the checkpoint's ``*.mlp.w_*`` tensors in after
+re-applying the patches (``model.load_state_dict(subset, strict=False)``). Upcycling needs the dense weights
+and only makes sense on a dense checkpoint.
+
+Token dispatch (shared, ``dispatch``): the ``[B, S, d]`` input is flattened to ``[T, d]``; the ``T*K``
+(token, slot) assignments are sorted by expert (one stable ``argsort``) and counted (one ``bincount``, one
+host sync per layer); each expert with at least one token runs once on its contiguous slice (a loop over
+experts, never over tokens), and experts with no token are skipped (their parameter rows simply get zero
+gradient, the parameters are shared tensors so autograd and DDP see every parameter used). The expert
+outputs are put back in (token, slot) order with the inverse permutation (a gather) and combined as
+``sum_k w_k y_k`` over the ``K`` slots. This replaces the usual ``index_add_`` scatter on purpose: every output
+row is written exactly once, so the result is deterministic on GPU too (``index_add_`` accumulates with
+atomics there) and equal to the ``index_add_`` result up to summation order.
+
+Numerics: the matmuls run in the parameters' dtype (bf16 in, bf16 out); the AoE norms, both softmaxes, the
+top-K weights and the aux-loss statistics are float32 (float64 inputs stay float64). The router GEMM of
+``TopKMoE`` is done in float32 too (it is ``d x n``, negligible, and bf16 router logits tie too often). The
+weights are cast to the activation dtype for the combination; the sum over ``K`` accumulates in float32 inside
+``torch.sum``.
+
+Load-balancing loss (``aux_loss``): the Switch loss ``L = n * sum_i f_i P_i`` with ``P_i`` the mean routing
+probability of expert ``i`` (AoE: the norm softmax, with gradient) and ``f_i`` the fraction of the ``T*K``
+assignments that went to expert ``i`` (no gradient), so ``sum_i f_i = 1`` and perfect balance gives
+``L = 1`` for every ``K``. **Convention:** the AoE reference ``moe.py`` and HF Mixtral's
+``load_balancing_loss_func`` sum the one-hot mask over the ``K`` slots instead (``f_i`` = fraction of tokens
+that picked ``i``), which is exactly ``K`` times our value, minimum ``K``. The paper's ``alpha_aux = 0.01``
+therefore corresponds to ``aux_loss_coef = 0.01 * K`` here. It is computed per layer (HF Mixtral pools the
+counts over all layers before multiplying). Padding tokens are excluded from ``P`` and ``f`` (below). The loss
+is always computed (for logging); it enters training only through ``moe_aux_loss(model)``, which a trainer
+must add to its loss after the forward pass (``aux_loss_coef`` = 0, the default, adds nothing).
+
+Padding: an MLP sees only hidden states, so the patch registers a forward pre-hook (``with_kwargs=True``) on
+the decoder that owns the layers (``model.model``, e.g. ``LlamaModel``) which copies its 2-D
+``attention_mask`` (``[B, S]``, nonzero = real token) onto every MoE module (``module.token_mask``). The hook
+sits on the decoder rather than on the ``*ForCausalLM`` because every route into the layers goes through it:
+``LlamaForCausalLM.forward`` calls ``self.model(input_ids=..., attention_mask=..., ...)`` (PEFT wrappers call
+that in turn), and code that wants hidden states only calls ``model.model`` directly, skipping the top-level
+module and its hooks. The positional form ``model.model(input_ids, attention_mask)`` works too. The mask is
+used only when its shape equals the MLP input's ``[B, S]``; otherwise (no mask, a 4-D or dict mask, cached
+decoding where the MLP sees only the new tokens) all tokens count. Routing is per token and there is no
+capacity factor, so the outputs of real tokens never depend on pad tokens; the mask only changes the
+statistics. The mask stays set until the next decoder forward, so gradient-checkpoint recomputation sees the
+same one. Calling a layer directly (outside the model) uses whatever ``token_mask`` it holds when the shapes
+match; set it to None (or to a ``[B, S]`` mask) first.
+
+Per-layer state after each forward: ``aux_loss`` (the un-weighted ``L``, a 0-dim float32 tensor with grad;
+None before any forward), ``aux_loss_coef`` and ``last_load`` (``f``, detached, ``[n]``); ``copy.deepcopy`` /
+pickling drops ``aux_loss`` and ``token_mask`` (deepcopy refuses non-leaf tensors; TRL deep-copies reference
+models). Gradient checkpointing: the statistics are computed on every call, since non-reentrant
+checkpointing (HF v5's default) requires the recomputation to save the same tensors, but a forward that
+autograd runs inside a backward pass (the recomputation) does not overwrite ``aux_loss`` / ``last_load``:
+the values would be the same, and the stored tensor would keep the recomputed graph alive until the next
+step. Two limits: with *reentrant* checkpointing the first forward runs under ``no_grad``, so ``aux_loss``
+has no gradient and the aux loss cannot train; and the recomputation reads ``token_mask`` again, so the
+decoder must not run another forward on the same model between a training forward and its backward (TRL's
+GRPO / SFT trainers do not).
+Module-level helpers: ``moe_modules(model)``, ``moe_aux_loss(model)`` (sum of ``coef * aux_loss`` over the
+layers with ``coef > 0``; None when there is none), ``moe_stats(model)`` (``moe/aux_loss``,
+``moe/load_entropy``, ``moe/load_max`` for logging).
+
+Patches (recipe: ``model.patches: [{name: aoe, num_experts: 8, top_k: 2}]``; ``apply_patches`` records the
+spec list in ``config.rlkit_patches``). Options, shared by ``aoe`` and ``moe``:
+
+- ``layers`` (``"all"`` or a list of layer indices, negative = from the end): the layers whose ``mlp`` is
+  replaced. The dense MLP must be Llama-shaped (``gate_proj``, ``up_proj``, ``down_proj``) and the config's
+  ``hidden_act`` SiLU (``silu`` / ``swish``), else ``ValueError``: the experts are SwiGLU.
+- ``num_experts`` (8), ``top_k`` (2, at most ``num_experts``), ``renormalize`` (True).
+- ``expert_size`` (``D_w``): default ``intermediate_size // top_k`` ("equal active parameters": ``K``
+  experts of width ``D_ffn / K`` have the dense MLP's active width); ``intermediate_size`` itself when
+  upcycling (any other value is an error there).
+- ``d_low`` (aoe only; ``r``): default ``max(1, hidden_size // 3)`` (the paper's best sweep value, 256 at
+  d_model 768, is about ``d/3``); when upcycling the default is ``min(hidden_size, intermediate_size)``, the
+  rank at which the SVD factorization is exact, so the upcycled model starts as the dense one (a smaller
+  ``d_low`` truncates the gate and changes the function).
+- ``match_params`` (aoe only): when true the AoE expert width is ``matched_aoe_width(d, expert_size,
+  d_low)`` instead of ``expert_size``, i.e. one AoE expert has the parameter count of a ``TopKMoE`` expert
+  of width ``expert_size`` (the router's ``d*n`` parameters are not matched). Default: true when
+  ``expert_size`` is derived (not given) and the layer is not upcycled, false otherwise; true together with
+  ``upcycle`` is an error.
+- ``aux_loss_coef`` (0.0, >= 0): stored on each layer, used by ``moe_aux_loss``.
+- ``init_std`` (0.02, the AoE reference's init for every matrix, router included): all new matrices are
+  ``N(0, init_std^2)``. Layer ``i`` is initialised on the CPU in float32 under ``torch.random.fork_rng``
+  with ``torch.manual_seed(seed + i)`` (the global RNG is left untouched) and then moved to the dense
+  MLP's device and dtype, so patching is deterministic and independent of the device.
+- ``upcycle`` (False): every expert starts from the dense MLP: ``w_p = up_proj.weight.T``,
+  ``w_o = down_proj.weight.T``, and ``w_g = gate_proj.weight.T`` (moe) or, for AoE, the truncated SVD of
+  ``G = gate_proj.weight.T`` (``[d, D_ffn]``, a full float64 SVD on the weight's device, once per layer:
+  seconds for a 7B layer on a GPU, much longer on a CPU):
+  ``W_down = U_r sqrt(S_r)``, ``W_up = sqrt(S_r) V_r^T`` (the balanced split, so both factors have the same
+  scale). ``d_low`` may not exceed ``min(d, D_ffn)`` there (a zero-padded factor pair would have zero gradient
+  forever). The ``moe`` router keeps its ``N(0, init_std^2)`` init. With one expert and ``top_k=1`` (any
+  ``renormalize``), or with identical experts and ``renormalize=True``, the upcycled layer computes exactly
+  the dense MLP (up to float error; for AoE when ``d_low = min(d, D_ffn)``). Dense biases are refused.
+- ``upcycle_noise`` (0.01; >= 0): identical experts would receive identical gradients for tokens routed to
+  them alike and AoE would score them identically, so experts ``1..n-1`` get relative Gaussian noise: each
+  upcycled matrix ``M`` (per expert: ``w_down`` block, ``w_up``, ``w_p``, ``w_o``; ``w_g`` for moe) becomes
+  ``M + upcycle_noise * std(M) * N(0, 1)``, ``std`` taken over the dense matrix. Expert 0 stays exact;
+  0 disables the noise.
+- ``seed`` (0): see ``init_std``.
+
+Choices made where the paper is silent or the references differ (spec section 1):
+
+- Renormalization of the top-K weights is on by default, as in the reference ``moe.py`` (the megablocks
+  ``AoE.py`` does not renormalize); which one the paper's runs used is UNCONFIRMED.
+- Gradients. Experts never selected in a batch get zero gradient on ``w_up`` / ``w_p`` / ``w_o`` (``w_g``).
+  Their ``W_down`` columns (AoE) or router column (moe) are reached only through the softmax denominator:
+  with ``renormalize=False`` the combine weight ``p_k = e^{s_k} / sum_j e^{s_j}`` depends on every expert's
+  score, so they do get gradient; with ``renormalize=True`` the denominator cancels
+  (``w_k = e^{s_k} / sum_{k' in topK} e^{s_k'}``) and their gradient from the output is zero (up to float
+  round-off), and it is nonzero again only through the aux loss's ``P_i`` when ``aux_loss_coef > 0``.
+  With ``K = 1`` and renormalization the single weight is 1 and the scores get no gradient from the output.
+- No jitter noise (the reference's ``JITTER_NOISE`` is off by default), no capacity factor / token dropping,
+  no shared expert.
+- ``matched_aoe_width`` rounds ``(3 d D - r d) / (r + 2 d)`` to the nearest integer; AoE expert parameters:
+  ``d r + r D_w + 2 d D_w``; a standard expert: ``3 d D``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from typing import Any, Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import register_patch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AoEMoE", "Routing", "TopKMoE", "aoe", "dispatch", "matched_aoe_width", "moe", "moe_aux_loss",
+           "moe_modules", "moe_stats"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation helpers
+
+
+def _positive_int(who: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{who}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _non_negative_float(who: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{who}: {name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _flag(who: str, name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{who}: {name} must be true or false, got {value!r}")
+    return value
+
+
+def _check_experts(who: str, num_experts: Any, top_k: Any) -> None:
+    _positive_int(who, "num_experts", num_experts)
+    _positive_int(who, "top_k", top_k)
+    if top_k > num_experts:
+        raise ValueError(f"{who}: top_k ({top_k}) must be <= num_experts ({num_experts})")
+
+
+def _check_init_std(who: str, init_std: Any) -> float:
+    std = _non_negative_float(who, "init_std", init_std)
+    if std == 0:
+        raise ValueError(f"{who}: init_std must be > 0, got {init_std!r}")
+    return std
+
+
+def matched_aoe_width(hidden_size: int, expert_size: int, d_low: int) -> int:
+    """AoE expert width ``D_w`` with the parameter count of a standard SwiGLU expert of width ``expert_size``.
+
+    A standard expert has ``3 d D`` parameters, an AoE expert ``d r + r D_w + 2 d D_w``; solving for ``D_w``
+    gives ``(3 d D - r d) / (r + 2 d)`` (spec section 1), rounded to the nearest integer.
+    """
+    d = _positive_int("matched_aoe_width", "hidden_size", hidden_size)
+    big = _positive_int("matched_aoe_width", "expert_size", expert_size)
+    r = _positive_int("matched_aoe_width", "d_low", d_low)
+    width = math.floor((3 * d * big - r * d) / (r + 2 * d) + 0.5)
+    if width < 1:
+        raise ValueError(f"matched_aoe_width: d_low={r} leaves no parameters for the expert body "
+                         f"(3*expert_size must exceed d_low; expert_size={big})")
+    return width
+
+
+# --------------------------------------------------------------------------------------------------
+# Routing and dispatch
+
+
+class Routing(NamedTuple):
+    """The routing decision of one forward on ``T`` flattened tokens."""
+
+    scores: torch.Tensor
+    """``[T, n]`` float32: AoE norms ``||C_i||`` or the router logits."""
+    probs: torch.Tensor
+    """``[T, n]`` float32 softmax of ``scores``."""
+    weights: torch.Tensor
+    """``[T, K]`` float32 combine weights (renormalized to sum 1 when ``renormalize``)."""
+    experts: torch.Tensor
+    """``[T, K]`` int64 selected experts, by decreasing probability."""
+    cache: torch.Tensor | None = None
+    """AoE only: ``C = x W_down`` as ``[T, n, r]`` in the activation dtype."""
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _select(scores: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    probs = torch.softmax(scores, dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return probs, weights, experts
+
+
+def dispatch(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, num_experts: int,
+             expert_fn: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``y[t] = sum_k weights[t, k] * expert_fn(experts[t, k], [t])`` with one ``expert_fn`` call per used expert.
+
+    ``x``: ``[T, d]`` (only its shape, dtype and device are used); ``experts`` / ``weights``: ``[T, K]``;
+    ``expert_fn(e, tokens)`` returns expert ``e``'s output ``[len(tokens), d]`` for the flat token indices
+    ``tokens`` (sorted ascending). Experts with no token are not called.
+    """
+    num_tokens, top_k = experts.shape
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    token_of = order // top_k
+    outputs = []
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        outputs.append(expert_fn(e, token_of[start:start + count]))
+        start += count
+    if not outputs:  # no token at all
+        return x.new_zeros(x.shape)
+    y_sorted = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    y = y_sorted.index_select(0, inverse).view(num_tokens, top_k, -1)
+    return (y * weights.to(y.dtype).unsqueeze(-1)).sum(dim=1)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a forward inside a backward pass (gradient-checkpoint recomputation)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+
+
+class _MoEBase(nn.Module):
+    """Shared state, forward, aux loss and statistics of ``AoEMoE`` and ``TopKMoE``."""
+
+    def __init__(self, who: str, hidden_size: int, expert_size: int, num_experts: int, top_k: int,
+                 aux_loss_coef: float, renormalize: bool, init_std: float) -> None:
+        super().__init__()
+        _positive_int(who, "hidden_size", hidden_size)
+        _positive_int(who, "expert_size", expert_size)
+        _check_experts(who, num_experts, top_k)
+        self.hidden_size = hidden_size
+        self.expert_size = expert_size
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.aux_loss_coef = _non_negative_float(who, "aux_loss_coef", aux_loss_coef)
+        self.renormalize = _flag(who, "renormalize", renormalize)
+        self.init_std = _check_init_std(who, init_std)
+        self.layer_idx: int | None = None
+        self.token_mask: torch.Tensor | None = None
+        self.aux_loss: torch.Tensor | None = None
+        self.last_load: torch.Tensor | None = None
+
+    # subclasses: route(x2d) -> Routing, _expert_fn(x2d, routing) -> callable for dispatch
+    def route(self, x: torch.Tensor) -> Routing:
+        raise NotImplementedError
+
+    def _expert_fn(self, x: torch.Tensor, routing: Routing) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        raise NotImplementedError
+
+    def _flat_mask(self, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+        mask = self.token_mask
+        if mask is None or len(shape) != 3 or tuple(mask.shape) != tuple(shape[:2]):
+            return None
+        return (mask.reshape(-1) != 0).to(device)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        routing = self.route(x)
+        out = dispatch(x, routing.experts, routing.weights, self.num_experts, self._expert_fn(x, routing))
+        # Computed on every call (gradient checkpointing needs the recomputation to run the same ops), stored
+        # only outside backward (see the module doc).
+        aux, load = self.balance_stats(routing, self._flat_mask(shape, x.device))
+        if not _in_backward():
+            self.aux_loss = aux
+            self.last_load = load.detach()
+        return out.view(shape)
+
+    def balance_stats(self, routing: Routing, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L_aux, f)`` for one routing decision; ``mask`` ``[T]`` (nonzero = counted) or None (all tokens)."""
+        probs, experts = routing.probs, routing.experts
+        n, k = self.num_experts, self.top_k
+        m = torch.ones(probs.shape[0], dtype=probs.dtype, device=probs.device) if mask is None else mask.to(probs.dtype)
+        real = m.sum().clamp_min(1)
+        prob_mean = (probs * m.unsqueeze(-1)).sum(dim=0) / real
+        counts = torch.zeros(n, dtype=probs.dtype, device=probs.device)
+        counts.scatter_add_(0, experts.reshape(-1), m.repeat_interleave(k))
+        load = counts / (real * k)
+        return n * (load * prob_mean).sum(), load
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copy.deepcopy / pickle (e.g. TRL's reference-model copy): drop the per-forward tensors, one of which
+        # (aux_loss) is a non-leaf tensor that deepcopy refuses.
+        state = super().__getstate__()
+        state.update(aux_loss=None, token_mask=None)
+        return state
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, expert_size={self.expert_size}, num_experts={self.num_experts}, "
+                f"top_k={self.top_k}, renormalize={self.renormalize}, aux_loss_coef={self.aux_loss_coef}")
+
+
+class AoEMoE(_MoEBase):
+    """Autonomy-of-Experts MoE MLP: router-free, experts pick themselves by ``||x W_down^i||``; see the module doc."""
+
+    def __init__(self, hidden_size: int, expert_size: int, num_experts: int = 8, top_k: int = 2,
+                 d_low: int | None = None, aux_loss_coef: float = 0.0, renormalize: bool = True,
+                 init_std: float = 0.02, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__("AoEMoE", hidden_size, expert_size, num_experts, top_k, aux_loss_coef, renormalize, init_std)
+        d_low = max(1, hidden_size // 3) if d_low is None else d_low
+        self.d_low = _positive_int("AoEMoE", "d_low", d_low)
+        kw = {"device": device, "dtype": dtype}
+        n, r, dw = num_experts, self.d_low, expert_size
+        self.w_down = nn.Parameter(torch.empty(hidden_size, n * r, **kw))
+        self.w_up = nn.Parameter(torch.empty(n, r, dw, **kw))
+        self.w_p = nn.Parameter(torch.empty(n, hidden_size, dw, **kw))
+        self.w_o = nn.Parameter(torch.empty(n, dw, hidden_size, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for p in (self.w_down, self.w_up, self.w_p, self.w_o):
+            nn.init.normal_(p, mean=0.0, std=self.init_std)
+
+    def route(self, x: torch.Tensor) -> Routing:
+        cache = (x @ self.w_down).view(x.shape[0], self.num_experts, self.d_low)
+        scores = torch.linalg.vector_norm(cache.to(_stat_dtype(x.dtype)), dim=-1)
+        probs, weights, experts = _select(scores, self.top_k, self.renormalize)
+        return Routing(scores, probs, weights, experts, cache)
+
+    def expert_forward(self, e: int, x_e: torch.Tensor, c_e: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on its tokens: ``(SiLU(C_e W_up^e) * (x_e W_p^e)) W_o^e``."""
+        return (F.silu(c_e @ self.w_up[e]) * (x_e @ self.w_p[e])) @ self.w_o[e]
+
+    def _expert_fn(self, x: torch.Tensor, routing: Routing) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        cache = routing.cache
+
+        def run(e: int, tokens: torch.Tensor) -> torch.Tensor:
+            return self.expert_forward(e, x.index_select(0, tokens), cache[tokens, e])
+
+        return run
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", d_low={self.d_low}"
+
+
+class TopKMoE(_MoEBase):
+    """Standard top-K MoE MLP with a learned linear router and SwiGLU experts; see the module doc."""
+
+    def __init__(self, hidden_size: int, expert_size: int, num_experts: int = 8, top_k: int = 2,
+                 aux_loss_coef: float = 0.0, renormalize: bool = True, init_std: float = 0.02,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__("TopKMoE", hidden_size, expert_size, num_experts, top_k, aux_loss_coef, renormalize, init_std)
+        kw = {"device": device, "dtype": dtype}
+        n, dw = num_experts, expert_size
+        self.w_router = nn.Parameter(torch.empty(hidden_size, n, **kw))
+        self.w_g = nn.Parameter(torch.empty(n, hidden_size, dw, **kw))
+        self.w_p = nn.Parameter(torch.empty(n, hidden_size, dw, **kw))
+        self.w_o = nn.Parameter(torch.empty(n, dw, hidden_size, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for p in (self.w_router, self.w_g, self.w_p, self.w_o):
+            nn.init.normal_(p, mean=0.0, std=self.init_std)
+
+    def route(self, x: torch.Tensor) -> Routing:
+        acc = _stat_dtype(x.dtype)
+        scores = x.to(acc) @ self.w_router.to(acc)
+        probs, weights, experts = _select(scores, self.top_k, self.renormalize)
+        return Routing(scores, probs, weights, experts)
+
+    def expert_forward(self, e: int, x_e: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on its tokens: ``(SiLU(x_e W_g^e) * (x_e W_p^e)) W_o^e``."""
+        return (F.silu(x_e @ self.w_g[e]) * (x_e @ self.w_p[e])) @ self.w_o[e]
+
+    def _expert_fn(self, x: torch.Tensor, routing: Routing) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        def run(e: int, tokens: torch.Tensor) -> torch.Tensor:
+            return self.expert_forward(e, x.index_select(0, tokens))
+
+        return run
+
+
+# --------------------------------------------------------------------------------------------------
+# Model-level helpers
+
+
+def moe_modules(model: Any) -> list[_MoEBase]:
+    """The MoE layers of ``model`` (cached on the model as ``_rlkit_moe_modules`` by the patch)."""
+    cached = getattr(model, "_rlkit_moe_modules", None)
+    if cached is not None:
+        return cached
+    found = [m for m in model.modules() if isinstance(m, _MoEBase)]
+    if found:
+        try:
+            model._rlkit_moe_modules = found
+        except AttributeError:
+            pass
+    return found
+
+
+def moe_aux_loss(model: Any) -> torch.Tensor | None:
+    """``sum(coef * aux_loss)`` over the MoE layers with ``aux_loss_coef > 0`` from their last forward.
+
+    None when the model has no MoE layer, every coefficient is 0, or no forward has run yet. With layers on
+    several devices the sum lives on the first one's device.
+    """
+    total = None
+    for m in moe_modules(model):
+        if m.aux_loss_coef > 0 and m.aux_loss is not None:
+            term = m.aux_loss_coef * m.aux_loss
+            total = term if total is None else total + term.to(total.device)
+    return total
+
+
+def moe_stats(model: Any) -> dict[str, float]:
+    """Routing statistics of the last forward, averaged over the MoE layers (empty before any forward).
+
+    ``moe/aux_loss``: the un-weighted ``L_aux`` (1 = balanced); ``moe/load_entropy``: the entropy of the
+    expert load ``f`` divided by ``log n`` (1 = balanced, 0 = one expert takes everything); ``moe/load_max``:
+    ``n * max_i f_i`` (1 = balanced, ``n / K`` = fully collapsed).
+    """
+    aux, entropy, peak = [], [], []
+    for m in moe_modules(model):
+        if m.aux_loss is None or m.last_load is None:
+            continue
+        load = m.last_load.detach().float().cpu()
+        aux.append(float(m.aux_loss.detach().float().cpu()))
+        n = load.numel()
+        h = float(-(load * torch.log(load.clamp_min(1e-30))).sum())
+        entropy.append(h / math.log(n) if n > 1 else 1.0)
+        peak.append(float(load.max()) * n)
+    if not aux:
+        return {}
+    return {"moe/aux_loss": sum(aux) / len(aux), "moe/load_entropy": sum(entropy) / len(entropy),
+            "moe/load_max": sum(peak) / len(peak)}
+
+
+def _store_token_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Decoder forward pre-hook: hand the 2-D ``attention_mask`` to every MoE layer (None when absent)."""
+    mask = kwargs.get("attention_mask")
+    index = getattr(module, "_rlkit_mask_arg_index", None)
+    if mask is None and index is not None and len(args) > index:
+        mask = args[index]
+    if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        mask = None
+    for m in getattr(module, "_rlkit_moe_modules", ()):
+        m.token_mask = mask
+
+
+# --------------------------------------------------------------------------------------------------
+# The patches
+
+
+def _decoder(model: Any, who: str) -> nn.Module:
+    base = getattr(model, "model", None)
+    if isinstance(base, nn.Module) and isinstance(getattr(base, "layers", None), nn.ModuleList):
+        return base
+    if isinstance(getattr(model, "layers", None), nn.ModuleList):
+        return model
+    raise ValueError(f"{who}: cannot find the decoder layers (expected model.model.layers, as in Llama / Qwen2 / "
+                     f"Mistral)")
+
+
+def _resolve_layers(who: str, layers: Any, count: int) -> list[int]:
+    if layers == "all":
+        return list(range(count))
+    if isinstance(layers, (str, bool)) or not isinstance(layers, (list, tuple)) or not layers:
+        raise ValueError(f"{who}: layers must be 'all' or a non-empty list of layer indices, got {layers!r}")
+    out = []
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count:
+            raise ValueError(f"{who}: layer index {i!r} is out of range for a model with {count} layers")
+        out.append(i % count)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{who}: layers lists a layer twice: {layers!r}")
+    return sorted(out)
+
+
+def _dense_parts(who: str, mlp: nn.Module, i: int) -> tuple[nn.Module, nn.Module, nn.Module]:
+    if isinstance(mlp, _MoEBase):
+        raise ValueError(f"{who}: layer {i} is already a MoE layer ({type(mlp).__name__})")
+    parts = tuple(getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
+    if any(not isinstance(getattr(p, "weight", None), torch.Tensor) for p in parts):
+        raise ValueError(f"{who}: layer {i}'s mlp ({type(mlp).__name__}) is not a gated MLP with gate_proj, "
+                         f"up_proj and down_proj (Llama / Qwen2 / Mistral)")
+    return parts  # type: ignore[return-value]
+
+
+def _noisy(value: torch.Tensor, noise: float, scale: float) -> torch.Tensor:
+    """``value + noise * scale * N(0, 1)``; the draw is on the CPU (seeded) and moved to ``value``'s device."""
+    if noise == 0:
+        return value
+    return value + noise * scale * torch.randn(value.shape, dtype=torch.float32).to(value.device)
+
+
+def _upcycle(module: _MoEBase, gate: nn.Module, up: nn.Module, down: nn.Module, noise: float) -> None:
+    """Copy the dense MLP into every expert (see the module doc); runs under the caller's seeded RNG."""
+    g = gate.weight.detach().float().t()  # [d, D]
+    p = up.weight.detach().float().t()  # [d, D]
+    o = down.weight.detach().float().t()  # [D, d]
+    if isinstance(module, AoEMoE):
+        u, s, vh = torch.linalg.svd(gate.weight.detach().t().double(), full_matrices=False)
+        r = module.d_low
+        root = s[:r].sqrt()
+        w_down = (u[:, :r] * root).float()
+        w_up = (root.unsqueeze(-1) * vh[:r]).float()
+        first = [w_down, w_up]
+    else:
+        first = [g]
+    mats = first + [p, o]
+    stds = [float(m.std()) if m.numel() > 1 else 0.0 for m in mats]
+    with torch.no_grad():
+        for j in range(module.num_experts):
+            vals = mats if j == 0 else [_noisy(m, noise, s) for m, s in zip(mats, stds)]
+            if isinstance(module, AoEMoE):
+                r = module.d_low
+                module.w_down[:, j * r:(j + 1) * r].copy_(vals[0])
+                module.w_up[j].copy_(vals[1])
+            else:
+                module.w_g[j].copy_(vals[0])
+            module.w_p[j].copy_(vals[-2])
+            module.w_o[j].copy_(vals[-1])
+
+
+def _patch(kind: str, model: Any, layers: Any, num_experts: Any, top_k: Any, d_low: Any, expert_size: Any,
+           match_params: Any, aux_loss_coef: Any, renormalize: Any, upcycle: Any, upcycle_noise: Any, seed: Any,
+           init_std: Any) -> None:
+    who = kind
+    _check_experts(who, num_experts, top_k)
+    coef = _non_negative_float(who, "aux_loss_coef", aux_loss_coef)
+    _flag(who, "renormalize", renormalize)
+    _flag(who, "upcycle", upcycle)
+    noise = _non_negative_float(who, "upcycle_noise", upcycle_noise)
+    std = _check_init_std(who, init_std)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{who}: seed must be an integer, got {seed!r}")
+    if expert_size is not None:
+        _positive_int(who, "expert_size", expert_size)
+    if d_low is not None:
+        if kind != "aoe":
+            raise ValueError(f"{who}: d_low applies to the aoe patch only")
+        _positive_int(who, "d_low", d_low)
+    if match_params is not None:
+        _flag(who, "match_params", match_params)
+        if match_params and kind != "aoe":
+            raise ValueError(f"{who}: match_params applies to the aoe patch only")
+        if match_params and upcycle:
+            raise ValueError(f"{who}: match_params cannot be combined with upcycle (upcycled experts keep the dense "
+                             f"intermediate size)")
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    act = getattr(config, "hidden_act", None)
+    if act not in ("silu", "swish"):
+        raise ValueError(f"{who}: the experts are SwiGLU (SiLU) but the model's hidden_act is {act!r}; "
+                         f"only silu models (Llama, Qwen2, Mistral) can be patched")
+    decoder = _decoder(model, who)
+    chosen = _resolve_layers(who, layers, len(decoder.layers))
+
+    plans = []  # validate every layer before touching any
+    for i in chosen:
+        gate, up, down = _dense_parts(who, decoder.layers[i].mlp, i)
+        ffn, d = gate.weight.shape
+        if upcycle:
+            if any(getattr(m, "bias", None) is not None for m in (gate, up, down)):
+                raise ValueError(f"{who}: cannot upcycle layer {i}: its dense MLP has biases")
+            if expert_size is not None and expert_size != ffn:
+                raise ValueError(f"{who}: upcycled experts copy the dense MLP, so expert_size must be the "
+                                 f"intermediate size {ffn} (got {expert_size}); leave it out")
+            width = ffn
+        else:
+            width = expert_size if expert_size is not None else ffn // top_k
+            if width < 1:
+                raise ValueError(f"{who}: intermediate_size {ffn} // top_k {top_k} is 0; pass expert_size")
+        rank = None
+        if kind == "aoe":
+            if d_low is not None:
+                rank = d_low
+            else:
+                rank = min(d, ffn) if upcycle else max(1, d // 3)
+            if upcycle and rank > min(d, ffn):
+                raise ValueError(f"{who}: d_low ({rank}) cannot exceed min(hidden_size, intermediate_size) = "
+                                 f"{min(d, ffn)} when upcycling (the SVD of gate_proj has no more components)")
+            matched = match_params if match_params is not None else (expert_size is None and not upcycle)
+            if matched:
+                width = matched_aoe_width(d, width, rank)
+        plans.append((i, gate, up, down, d, width, rank))
+
+    for i, gate, up, down, d, width, rank in plans:
+        ref = gate.weight
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + i)
+            if kind == "aoe":
+                module: _MoEBase = AoEMoE(d, width, num_experts, top_k, d_low=rank, aux_loss_coef=coef,
+                                          renormalize=renormalize, init_std=std)
+            else:
+                module = TopKMoE(d, width, num_experts, top_k, aux_loss_coef=coef, renormalize=renormalize,
+                                 init_std=std)
+            module.to(device=ref.device, dtype=ref.dtype)
+            if upcycle:
+                _upcycle(module, gate, up, down, noise)
+        module.layer_idx = i
+        decoder.layers[i].mlp = module
+        logger.info("%s: layer %d -> %s", who, i, module.extra_repr())
+
+    modules = [m for m in model.modules() if isinstance(m, _MoEBase)]
+    model._rlkit_moe_modules = modules
+    decoder._rlkit_moe_modules = modules
+    if getattr(decoder, "_rlkit_moe_hook", None) is None:
+        params = list(inspect.signature(decoder.forward).parameters)
+        decoder._rlkit_mask_arg_index = params.index("attention_mask") if "attention_mask" in params else None
+        decoder._rlkit_moe_hook = decoder.register_forward_pre_hook(_store_token_mask, with_kwargs=True)
+
+
+@register_patch("aoe")
+def aoe(model: Any, layers: str | list[int] = "all", num_experts: int = 8, top_k: int = 2, d_low: int | None = None,
+        expert_size: int | None = None, match_params: bool | None = None, aux_loss_coef: float = 0.0,
+        renormalize: bool = True, upcycle: bool = False, upcycle_noise: float = 0.01, seed: int = 0,
+        init_std: float = 0.02) -> None:
+    """Replace the chosen layers' MLPs by Autonomy-of-Experts layers (``AoEMoE``); options in the module doc."""
+    _patch("aoe", model, layers, num_experts, top_k, d_low, expert_size, match_params, aux_loss_coef, renormalize,
+           upcycle, upcycle_noise, seed, init_std)
+
+
+@register_patch("moe")
+def moe(model: Any, layers: str | list[int] = "all", num_experts: int = 8, top_k: int = 2, d_low: int | None = None,
+        expert_size: int | None = None, match_params: bool | None = None, aux_loss_coef: float = 0.0,
+        renormalize: bool = True, upcycle: bool = False, upcycle_noise: float = 0.01, seed: int = 0,
+        init_std: float = 0.02) -> None:
+    """Replace the chosen layers' MLPs by learned-router top-K MoE layers (``TopKMoE``); ``d_low`` and
+    ``match_params`` are aoe options and are refused here (accepted as None/False so both patches share one
+    signature)."""
+    _patch("moe", model, layers, num_experts, top_k, d_low, expert_size, match_params, aux_loss_coef, renormalize,
+           upcycle, upcycle_noise, seed, init_std)
