@@ -1,0 +1,252 @@
+"""Compressed key caches for generation: PolarQuant (arXiv 2502.00527), ThinK (arXiv 2407.21018) and both.
+
+Post-hoc methods (no training) that shrink the *key* half of the KV cache of a Llama/Qwen2-family HF model
+during ``generate``; values stay whole. Spec: ``shared/specs/model-patches.md`` sections 0, 4 and 5.
+
+- **PolarQuant** (``kind="polarquant"``): each RoPE pair ``(k[j], k[j + D/2])`` of a post-RoPE key is stored
+  as a quantized radius and angle (``rbits`` + ``tbits`` bits, default 4 + 4 = 1 byte per pair) with a
+  zero-point and scale (in the key dtype) per 128-token group and pair: 4.25 bits per key element in a 16-bit
+  model, a 0.266 ratio to a 16-bit cache. The last ``< residual_length`` tokens stay full precision.
+  ``lut=True`` computes the decode-step QK product by table lookups on the codes instead of dequantizing
+  (:mod:`.polar`; a PyTorch reference of the official Triton kernel: same numbers, no speed-up).
+- **ThinK** (``kind="think"``): after the prefill, each KV head keeps the ``D - floor(pruning_ratio * D)`` key
+  channels with the largest ``||K[:, c]||^2 * sum_h ||Q_obs,h[:, c]||^2`` (last ``obs_window`` prompt queries);
+  the last ``recent`` prompt tokens and every generated token keep all channels (:mod:`.think`).
+- **Both** (``kind="both"``): ThinK prunes whole RoPE pairs, then the kept pairs of the pruned prompt are
+  polar-quantized; the unpruned tokens (recent + generated) follow the PolarQuant rules (:mod:`.cache`).
+
+Use::
+
+    from rlkit.kvcache import KVCacheConfig, make_cache, prepare_model
+    cfg = KVCacheConfig(kind="polarquant")
+    prepare_model(model, cfg)                      # hooks + attention switch when needed; idempotent
+    out = model.generate(**enc, past_key_values=make_cache(model, cfg), max_new_tokens=64)
+
+``make_cache`` must be called for every ``generate`` call (a cache holds one batch's state); it returns
+``None`` for ``kind="none"`` (``generate`` then builds its default cache). :func:`wrap_generate` and the
+:func:`kv_compression` context manager do both steps. :func:`key_cache_bytes` / :func:`key_cache_report`
+measure the key memory (``reference_bits=16`` normalises a float32 CPU model to a 16-bit one).
+
+What :func:`prepare_model` changes, and why:
+
+- ``kind="polarquant"`` with ``lut=False`` needs nothing: the cache returns dequantized keys to whatever
+  attention the model uses, so the model is left (or put back) as it was.
+- ThinK (its prune needs the prefill queries) and the LUT decode (it reads the codes) need the attention
+  function to reach the cache: the model's ``config._attn_implementation`` is switched to ``"think_sdpa"`` or
+  ``"polar_lut"`` (registered with HF's ``AttentionInterface`` / ``AttentionMaskInterface``, SDPA-based), and
+  a forward pre-hook on every attention module hands it the cache layer (:mod:`.attention`). The previous
+  implementation is remembered on the model and put back by :func:`restore_model`; preparing again with
+  another config only switches the name. ``prepare_model`` with a config that needs nothing (``"none"``,
+  plain PolarQuant) restores a prepared model, so the model state always matches the last config.
+- A model prepared for ThinK still runs any other cache (or none, training) exactly as SDPA would.
+
+Choices where the papers are silent are documented in :mod:`.polar` (parameter dtype and rounding),
+:mod:`.think` (per-KV-head GQA scoring, padding, pair pruning) and :mod:`.cache` (flush timing, what
+``update`` returns, crop, byte accounting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator
+
+__all__ = ["KVCacheConfig", "KINDS", "prepare_model", "restore_model", "make_cache", "wrap_generate",
+           "kv_compression", "key_cache_bytes", "key_cache_report", "attention_for"]
+
+KINDS = ("none", "polarquant", "think", "both")
+_STATE_ATTR = "_rlkit_kvcache_state"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass
+class KVCacheConfig:
+    """Key-cache compression for ``generate`` (see the module docstring).
+
+    - ``kind``: ``"none"`` | ``"polarquant"`` | ``"think"`` | ``"both"``.
+    - PolarQuant: ``group_size`` tokens per quantization group (128), ``residual_length`` full-precision tokens
+      before a flush (128, ``>= group_size``), ``rbits`` / ``tbits`` radius / angle bits (4 / 4, each 1..8),
+      ``lut`` table-lookup decode attention (``False``: dequantize; needs a PolarQuant kind).
+    - ThinK: ``pruning_ratio`` fraction of key channels removed (0.4, ``[0, 1)``), ``obs_window`` prompt
+      queries scored (32), ``recent`` last prompt tokens kept whole (32).
+    """
+
+    kind: str = "none"
+    group_size: int = 128
+    residual_length: int = 128
+    rbits: int = 4
+    tbits: int = 4
+    lut: bool = False
+    pruning_ratio: float = 0.4
+    obs_window: int = 32
+    recent: int = 32
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kv cache kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        if not _is_int(self.group_size) or self.group_size < 1:
+            raise ValueError(f"kv cache group_size must be a positive integer, got {self.group_size!r}")
+        if not _is_int(self.residual_length) or self.residual_length < self.group_size:
+            raise ValueError(f"kv cache residual_length must be an integer >= group_size ({self.group_size}), "
+                             f"got {self.residual_length!r}")
+        for name in ("rbits", "tbits"):
+            v = getattr(self, name)
+            if not _is_int(v) or not 1 <= v <= 8:
+                raise ValueError(f"kv cache {name} must be an integer in 1..8, got {v!r}")
+        if not isinstance(self.lut, bool):
+            raise ValueError(f"kv cache lut must be true or false, got {self.lut!r}")
+        if self.lut and self.kind == "think":
+            raise ValueError("kv cache lut=True is the PolarQuant table-lookup decode: it needs kind "
+                             "'polarquant' or 'both', not 'think'")
+        if isinstance(self.pruning_ratio, bool) or not isinstance(self.pruning_ratio, (int, float)) \
+                or not 0 <= self.pruning_ratio < 1:
+            raise ValueError(f"kv cache pruning_ratio must be a number in [0, 1), got {self.pruning_ratio!r}")
+        if not _is_int(self.obs_window) or self.obs_window < 1:
+            raise ValueError(f"kv cache obs_window must be a positive integer, got {self.obs_window!r}")
+        if not _is_int(self.recent) or self.recent < 0:
+            raise ValueError(f"kv cache recent must be an integer >= 0, got {self.recent!r}")
+
+    @property
+    def polar(self) -> bool:
+        return self.kind in ("polarquant", "both")
+
+    @property
+    def think(self) -> bool:
+        return self.kind in ("think", "both")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def layer_kwargs(self) -> dict:
+        """Keyword arguments of :class:`rlkit.kvcache.cache.CompressedKeyLayer`."""
+        return {"polar": self.polar, "think": self.think, "group_size": self.group_size,
+                "residual_length": self.residual_length, "rbits": self.rbits, "tbits": self.tbits,
+                "lut": self.lut, "pruning_ratio": float(self.pruning_ratio), "obs_window": self.obs_window,
+                "recent": self.recent}
+
+
+def attention_for(config: KVCacheConfig) -> str | None:
+    """The attention implementation ``config`` needs (``None``: the model's own one works)."""
+    if config.lut and config.polar:
+        return "polar_lut"
+    if config.think:
+        return "think_sdpa"
+    return None
+
+
+def _configs(model: Any) -> list[Any]:
+    """The distinct HF config objects of the model and its attention modules."""
+    from .attention import attention_modules
+
+    seen: dict[int, Any] = {}
+    for cfg in [getattr(model, "config", None)] + [getattr(m, "config", None) for m in attention_modules(model)]:
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            seen.setdefault(id(cfg), cfg)
+    return list(seen.values())
+
+
+def _set_attention(model: Any, name: str | None) -> None:
+    for cfg in _configs(model):
+        cfg._attn_implementation = name
+
+
+def prepare_model(model: Any, config: KVCacheConfig) -> Any:
+    """Install what ``config`` needs on ``model`` (idempotent) and return it; see the module docstring."""
+    from .attention import STANDARD_IMPLEMENTATIONS, install_hooks, register_attention
+
+    name = attention_for(config)
+    if name is None:
+        restore_model(model)
+        return model
+    register_attention()
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        current = model.config._attn_implementation
+        if current is not None and current not in STANDARD_IMPLEMENTATIONS \
+                and not str(current).startswith("flash_attention"):
+            raise ValueError(f"rlkit.kvcache: the model uses the custom attention implementation {current!r} "
+                             "(another patch?); KV-cache compression would replace it")
+        state = {"previous": current, "handles": install_hooks(model)}
+        setattr(model, _STATE_ATTR, state)
+    _set_attention(model, name)
+    state["config"] = config
+    return model
+
+
+def restore_model(model: Any) -> Any:
+    """Undo :func:`prepare_model` (hooks removed, previous attention implementation back); a no-op otherwise."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return model
+    from .attention import remove_hooks
+
+    remove_hooks(model, state["handles"])
+    _set_attention(model, state["previous"])
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def make_cache(model: Any, config: KVCacheConfig) -> Any:
+    """A fresh cache for one ``generate`` call (``None`` for ``kind="none"``)."""
+    if config.kind == "none":
+        return None
+    from .cache import ATTENTION_NAMES, CompressedKVCache
+
+    if attention_for(config) is not None and model.config._attn_implementation not in ATTENTION_NAMES:
+        raise ValueError(f"rlkit.kvcache: kind={config.kind!r} (lut={config.lut}) needs the model prepared with "
+                         "rlkit.kvcache.prepare_model(model, config) first")
+    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    layer_types = getattr(text, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise ValueError("rlkit.kvcache supports full-attention layers only; this model has layer types "
+                         f"{sorted(set(layer_types))}")
+    return CompressedKVCache(text.num_hidden_layers, **config.layer_kwargs())
+
+
+def wrap_generate(model: Any, config: KVCacheConfig) -> Callable[..., Any]:
+    """Prepare ``model`` and return ``generate(**kwargs)`` that passes a fresh cache to ``model.generate``
+    (unless the call gives ``past_key_values`` itself)."""
+    prepare_model(model, config)
+    base_generate = model.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = make_cache(model, config)
+        return base_generate(*args, **kwargs)
+
+    return generate
+
+
+@contextlib.contextmanager
+def kv_compression(model: Any, config: KVCacheConfig) -> Iterator[Any]:
+    """Within the block ``model.generate`` uses a fresh compressed cache per call; on exit the model goes back
+    to its previous preparation (or is restored when it had none)."""
+    state = getattr(model, _STATE_ATTR, None)
+    previous = state["config"] if state else None
+    model.generate = wrap_generate(model, config)
+    try:
+        yield model
+    finally:
+        del model.generate
+        if previous is None:
+            restore_model(model)
+        else:
+            prepare_model(model, previous)
+
+
+def key_cache_bytes(cache: Any, reference_bits: int | None = None) -> int:
+    """Bytes held for keys by ``cache`` (:func:`rlkit.kvcache.cache.key_cache_bytes`)."""
+    from .cache import key_cache_bytes as _bytes
+
+    return _bytes(cache, reference_bits)
+
+
+def key_cache_report(cache: Any, reference_bits: int = 16) -> dict:
+    """Key bytes, 16-bit-normalised bytes, the plain 16-bit reference and their ratio
+    (:func:`rlkit.kvcache.cache.key_cache_report`)."""
+    from .cache import key_cache_report as _report
+
+    return _report(cache, reference_bits)
