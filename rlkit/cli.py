@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 
 def _recipes_root() -> Path:
     return Path(__file__).resolve().parent.parent / "recipes"
@@ -37,13 +39,28 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def kv_cache_config(kind: str, options: list[str]):
+    """``KVCacheConfig`` from ``--kv-cache KIND`` and ``--kv-option key=value`` items (values parsed as YAML)."""
+    from .kvcache import KVCacheConfig
+    from .recipe import build
+
+    fields = {"kind": kind}
+    for item in options or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"rlkit eval: --kv-option {item!r} must look like key=value, e.g. pruning_ratio=0.5")
+        fields[key.strip()] = yaml.safe_load(value)
+    return build(KVCacheConfig, fields, "--kv-cache")
+
+
 def cmd_eval(args) -> int:
     from .eval.run import run_eval
 
+    kv = kv_cache_config(args.kv_cache, args.kv_option)
     summary = run_eval(model=args.model, benchmark=args.benchmark, split=args.split, limit=args.limit,
                        samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, backend=args.backend, template=args.template,
-                       output_dir=args.output_dir, dtype=args.dtype)
+                       output_dir=args.output_dir, dtype=args.dtype, kv_cache=kv if kv.kind != "none" else None)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -150,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--template", choices=["auto", "plain", "chat", "think_answer"], default="auto")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     e.add_argument("--output-dir", default=None, help="where completions.jsonl and summary.json go")
+    e.add_argument("--kv-cache", default="none", choices=["none", "polarquant", "think", "both"],
+                   help="key-cache compression for HF generate: PolarQuant, ThinK channel pruning, or both")
+    e.add_argument("--kv-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a kv-cache setting (repeatable): group_size, residual_length, rbits, tbits, lut, "
+                        "pruning_ratio, obs_window, recent")
     e.set_defaults(func=cmd_eval)
 
     h = sub.add_parser("hints", help="StepHint: split reference chains into steps and hint levels")

@@ -156,7 +156,7 @@ def run_one(run: RunSpec, resume: Any = None, trainer_class: Any = None, trainer
     summary: dict[str, Any] = {"stage": run.name, "method": run.method}
     eval_rows = None
     settings = GenerationSettings(max_new_tokens=run.eval.max_new_tokens, batch_size=run.eval.batch_size,
-                                  temperature=run.eval.temperature)
+                                  temperature=run.eval.temperature, kv_cache=run.kv_cache)
     if run.eval.enabled:
         if run.data.eval is None:
             raise RecipeError(f"{run.name}: eval.enabled needs a data.eval dataset")

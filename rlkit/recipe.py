@@ -25,6 +25,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from .kvcache import KVCacheConfig
+
 
 class RecipeError(ValueError):
     """A user-fixable problem in a recipe; the message says what to change."""
@@ -166,6 +168,7 @@ class StageSpec:
     trainer: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
     reward_engine: dict = field(default_factory=dict)
+    kv_cache: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -185,6 +188,9 @@ class Recipe:
     reward_engine: RewardEngineSpec = field(default_factory=RewardEngineSpec)
     plot: bool = True
     """Save a PNG of reward and held-out accuracy against step at the end of an RL run."""
+    kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
+    """Key-cache compression (``none`` | ``polarquant`` | ``think`` | ``both`` and their settings) for every HF
+    ``generate`` of the run: held-out evaluation and HF-generate rollouts (not vLLM)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,7 +276,12 @@ def build(cls: type, data: Any, where: str = "recipe") -> Any:
         if key not in names:
             raise RecipeError(f"{where}: unknown key {key!r}{_nearest(str(key), names)}")
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except RecipeError:
+        raise
+    except ValueError as e:  # a section's own validation (e.g. KVCacheConfig)
+        raise RecipeError(f"{where}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,6 +374,7 @@ class RunSpec:
     eval: EvalSpec
     plot: bool = True
     reward_engine: RewardEngineSpec = field(default_factory=RewardEngineSpec)
+    kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
 
 
 def resolve_runs(recipe: Recipe) -> list[RunSpec]:
@@ -370,13 +382,15 @@ def resolve_runs(recipe: Recipe) -> list[RunSpec]:
     if not recipe.stages:
         return [
             RunSpec("main", recipe.method or "", recipe.seed, recipe.output_dir, recipe.model, recipe.data,
-                    recipe.rewards, dict(recipe.trainer), recipe.eval, recipe.plot, recipe.reward_engine)
+                    recipe.rewards, dict(recipe.trainer), recipe.eval, recipe.plot, recipe.reward_engine,
+                    recipe.kv_cache)
         ]
     runs = []
     base_model = dataclasses.asdict(recipe.model)
     base_data = dataclasses.asdict(recipe.data)
     base_eval = dataclasses.asdict(recipe.eval)
     base_engine = dataclasses.asdict(recipe.reward_engine)
+    base_kv = dataclasses.asdict(recipe.kv_cache)
     for i, st in enumerate(recipe.stages):
         where = f"stages[{i}]({st.name})"
         model = build(ModelSpec, deep_merge(base_model, st.model), f"{where}.model")
@@ -388,10 +402,11 @@ def resolve_runs(recipe: Recipe) -> list[RunSpec]:
             else recipe.rewards
         )
         engine = build(RewardEngineSpec, deep_merge(base_engine, st.reward_engine), f"{where}.reward_engine")
+        kv = build(KVCacheConfig, deep_merge(base_kv, st.kv_cache), f"{where}.kv_cache")
         trainer = deep_merge(recipe.trainer, st.trainer)
         out = str(Path(recipe.output_dir) / st.name)
         runs.append(RunSpec(st.name, st.method, recipe.seed, out, model, data, rewards, trainer, ev, recipe.plot,
-                            engine))
+                            engine, kv))
     return runs
 
 

@@ -93,3 +93,16 @@ def test_noisy_rewards_smoke(repo_root, tmp_path):
     assert set(runs) == {"p0.4/seed0", "rpr/seed0"}
     history = json.loads((tmp_path / "seed0" / "p0.4" / "grpo" / "log_history.json").read_text())
     assert any("rewards/noisy_reward/mean" in h for h in history), history[:3]
+
+
+def test_aoe_vs_moe_smoke(repo_root, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RLKIT_DATA_DIR", str(data_dir))
+    out, res = _run_bench(repo_root, "aoe_vs_moe.py", "--smoke", "--jobs", "1", "--out", str(tmp_path))
+    for key in ("throughput_ratio", "loss_aoe", "loss_moe", "loss_dense"):
+        assert key in res and float(res[key]) > 0, res
+    results = json.loads((tmp_path / "results.json").read_text())
+    active = results["active_mlp_params"]
+    # equal active parameters: AoE within 0.5% of the dense MLP, the MoE adds only its router
+    assert abs(active["aoe"] / active["dense"] - 1) < 0.005 and active["moe"] - active["dense"] == 128 * 8
+    history = json.loads((tmp_path / "seed0" / "aoe" / "log_history.json").read_text())
+    assert any("aux_loss" in h for h in history)

@@ -9,9 +9,9 @@ the answer seen first) and checks it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ class GenerationSettings:
     backend: str = "hf"
     """``hf`` (transformers generate) or ``vllm``."""
     vllm_kwargs: dict = field(default_factory=dict)
+    kv_cache: Any = None
+    """An ``rlkit.kvcache.KVCacheConfig`` (PolarQuant / ThinK key-cache compression for HF generate), or None."""
 
 
 def render_prompts(prompts: list, tokenizer) -> list[str]:
@@ -57,6 +59,12 @@ def generate_hf(model, tokenizer, prompts: list[str], settings: GenerationSettin
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[str]] = [[] for _ in prompts]
     add_special = not any(tokenizer.bos_token and p.startswith(tokenizer.bos_token) for p in prompts[:1])
+    compress = settings.kv_cache is not None and settings.kv_cache.kind != "none"
+    stack = contextlib.ExitStack()
+    if compress:
+        from ..kvcache import kv_compression
+
+        stack.enter_context(kv_compression(model, settings.kv_cache))  # a fresh compressed cache per generate
     try:
         bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
         for start in range(0, len(order), settings.batch_size):
@@ -76,6 +84,7 @@ def generate_hf(model, tokenizer, prompts: list[str], settings: GenerationSettin
             bar.update(len(idx))
         bar.close()
     finally:
+        stack.close()
         tokenizer.padding_side = side
         if was_training:
             model.train()
@@ -92,6 +101,9 @@ def generate_vllm(model_path: str, prompts: list[str], settings: GenerationSetti
                            "or use --backend hf") from None
     if not torch.cuda.is_available():
         raise RuntimeError("backend 'vllm' needs a CUDA GPU; use --backend hf on CPU")
+    if settings.kv_cache is not None and settings.kv_cache.kind != "none":
+        raise RuntimeError(f"kv_cache kind {settings.kv_cache.kind!r} applies to HF generate only; vLLM manages "
+                           "its own KV cache (use --backend hf, or kv_cache kind none)")
     llm = LLM(model=model_path, **settings.vllm_kwargs)
     params = SamplingParams(n=num_samples, max_tokens=settings.max_new_tokens,
                             temperature=settings.temperature if do_sample else 0.0,

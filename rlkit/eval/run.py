@@ -11,7 +11,9 @@ from .math_eval import GenerationSettings, evaluate_rows, write_outputs
 
 def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None = None, samples: int = 0,
              temperature: float = 0.6, max_new_tokens: int = 512, batch_size: int = 16, backend: str = "hf",
-             template: str = "auto", output_dir: str | None = None, dtype: str = "auto") -> dict:
+             template: str = "auto", output_dir: str | None = None, dtype: str = "auto",
+             kv_cache=None) -> dict:
+    """Evaluate ``model`` on ``benchmark``; ``kv_cache`` is an ``rlkit.kvcache.KVCacheConfig`` (HF backend)."""
     from ..models import ModelError, load_model, load_tokenizer
 
     if model == "tiny":
@@ -31,9 +33,10 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
         path = model
     ds = build_dataset(DatasetSpec(name=benchmark, split=split, limit=limit, template=template), tokenizer)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
-                                  backend=backend)
+                                  backend=backend, kv_cache=kv_cache)
     summary, records = evaluate_rows(lm, tokenizer, ds.to_list(), settings, samples=samples, model_path=path)
-    summary.update({"model": model, "benchmark": benchmark, "split": split, "backend": backend})
+    summary.update({"model": model, "benchmark": benchmark, "split": split, "backend": backend,
+                    "kv_cache": kv_cache.to_dict() if kv_cache is not None else None})
     out = output_dir or str(Path("runs") / "eval" / f"{Path(model).name}-{benchmark.replace(':', '_').replace('/', '_')}")
     comp, summ = write_outputs(out, summary, records)
     summary["outputs"] = {"completions": str(comp), "summary": str(summ)}

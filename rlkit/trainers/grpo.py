@@ -18,6 +18,10 @@ plain TRL's for the same seed; a test checks the first-step loss):
   per-token loss mask (TRL's ``tool_mask`` slot).
 
 ``log_method_metric(name, value)`` records per-method scalars that TRL logs with its own metrics.
+
+``kv_cache``: an ``rlkit.kvcache.KVCacheConfig``; when its kind is not ``none``, HF-generate rollouts run
+with that compressed key cache (PolarQuant / ThinK; a fresh cache per ``generate`` call). vLLM rollouts
+manage their own cache, so the combination is refused at construction.
 """
 
 from __future__ import annotations
@@ -35,13 +39,24 @@ from .aux import AuxLossMixin
 from .registry import Method
 
 
+def check_kv_cache_backend(kv_cache: Any, use_vllm: bool) -> Any:
+    """The ``KVCacheConfig`` HF rollouts use (None for none); vLLM rollouts cannot take one."""
+    if kv_cache is None or kv_cache.kind == "none":
+        return None
+    if use_vllm:
+        raise RecipeError(f"kv_cache kind {kv_cache.kind!r} compresses HF-generate rollouts; vLLM manages its own "
+                          "KV cache (set use_vllm: false, or kv_cache kind none)")
+    return kv_cache
+
+
 class RLKitGRPOTrainer(AuxLossMixin, GRPOTrainer):
     """TRL ``GRPOTrainer`` with rlkit's hooks (reward engine, per-batch post-processing, extra masks) and
     the auxiliary losses of patched layers (MoE load balancing) added to the policy loss."""
 
-    def __init__(self, *args, reward_engine: Any = None, **kwargs):
+    def __init__(self, *args, reward_engine: Any = None, kv_cache: Any = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.reward_engine = reward_engine
+        self.kv_cache = check_kv_cache_backend(kv_cache, self.use_vllm)
 
     # ---- hooks for subclasses --------------------------------------------------------------------
     def postprocess_batch(self, batch: dict[str, Any], inputs: list[dict]) -> dict[str, Any]:
@@ -57,6 +72,15 @@ class RLKitGRPOTrainer(AuxLossMixin, GRPOTrainer):
         self._metrics[mode][name].append(float(value))
 
     # ---- TRL overrides ---------------------------------------------------------------------------
+    def _generate_single_turn(self, *args, **kwargs):
+        if self.kv_cache is None:
+            return super()._generate_single_turn(*args, **kwargs)
+        from ..kvcache import kv_compression
+
+        # TRL calls ``generate`` on the unwrapped model; the context gives each call a fresh compressed cache
+        with kv_compression(self.accelerator.unwrap_model(self.model), self.kv_cache):
+            return super()._generate_single_turn(*args, **kwargs)
+
     def _generate_and_score_completions(self, inputs):
         batch = super()._generate_and_score_completions(inputs)
         mask = self.extra_token_mask(batch, inputs)
@@ -159,6 +183,8 @@ def run_grpo(run, ctx, method: Method | None = None, trainer_class: type | None 
     engine = None
     if "reward_engine" not in kwargs and issubclass(cls, RLKitGRPOTrainer):
         engine = kwargs["reward_engine"] = make_reward_engine(run.reward_engine)
+    if "kv_cache" not in kwargs and issubclass(cls, RLKitGRPOTrainer) and run.kv_cache.kind != "none":
+        kwargs["kv_cache"] = run.kv_cache
     try:
         trainer = cls(
             model=ctx.model,
