@@ -106,3 +106,15 @@ def test_aoe_vs_moe_smoke(repo_root, data_dir, tmp_path, monkeypatch):
     assert abs(active["aoe"] / active["dense"] - 1) < 0.005 and active["moe"] - active["dense"] == 128 * 8
     history = json.loads((tmp_path / "seed0" / "aoe" / "log_history.json").read_text())
     assert any("aux_loss" in h for h in history)
+
+
+def test_kv_cache_smoke(repo_root, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RLKIT_DATA_DIR", str(data_dir))
+    out, res = _run_bench(repo_root, "kv_cache.py", "--smoke", "--jobs", "1", "--out", str(tmp_path))
+    for key in ("polar_bytes_ratio", "think_bytes_ratio", "gsm8k_delta_polar", "gsm8k_delta_think"):
+        assert key in res, res
+    # the byte ratios are measured, not assumed: PolarQuant 4+4 bits is 4.25 bits + the fp residual at 260 tokens
+    assert 0.26 < float(res["polar_bytes_ratio"]) < 0.3 and 0.6 < float(res["think_bytes_ratio"]) < 0.7
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["gsm8k"]) == {"none", "polarquant", "think"} and results["gsm8k"]["none"]["summary"]["n"] == 4
+    assert set(results["retrieval"]) == {"none", "polarquant", "think", "both"}
