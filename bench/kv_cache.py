@@ -14,7 +14,12 @@ whole; ``both``) with the uncompressed ``DynamicCache`` on the same model, input
    --kv-cache`` takes). ``gsm8k_delta_*`` = accuracy with the compressed cache - accuracy with the default
    one, in points (target: within 1). ``agree_*``: share of problems whose greedy completion is identical to
    the default cache's; ``answer_agree_*``: share with the same extracted final answer.
-4. **Long-context retrieval**: a sentence "The pass code of <name> is <5 digits>." placed at depths 0.1 ...
+4. **Teacher-forced quality**: the GSM8K reference solutions of the first ``--teacher-forced`` problems are
+   fed token by token after the chat prompt through each cache (every prediction reads the compressed
+   cache, as in decoding); ``tf_nll_delta_*`` = mean NLL with the compressed cache - with the default one,
+   ``tf_top1_agree_*`` = share of positions whose top-1 token equals the default cache's. SmolLM2-135M
+   solves almost no GSM8K problem greedily, so this is the sensitive quality measure here.
+5. **Long-context retrieval**: a sentence "The pass code of <name> is <5 digits>." placed at depths 0.1 ...
    0.9 of a 2048-token context of real text (GSM8K), then asked for at the end (chat template; the answer
    starts "The pass code of <name> is" and the model continues, greedy, 8 tokens); a trial counts when the
    code appears. Accuracy over 4 names x 5 depths per cache.
@@ -183,6 +188,78 @@ def retrieval(model, tok, haystack: int, depths, n_names: int) -> dict:
     return out
 
 
+def teacher_forced(model, tok, n: int, batch_size: int = 16) -> dict:
+    """Per cache kind: mean NLL of GSM8K reference solutions (calculator annotations removed) decoded token by
+    token after the chat prompt, and top-1 agreement with the default cache at every solution position.
+
+    The prompt is prefilled through the cache, then every solution token is fed as a one-token step, so each
+    prediction reads the compressed cache as decoding would. Batches are left-padded prompts; solutions of
+    different lengths are right-padded with masked steps."""
+    import re
+
+    import torch
+    from transformers import DynamicCache
+
+    from rlkit.data import build_dataset
+    from rlkit.kvcache import make_cache, prepare_model, restore_model
+    from rlkit.recipe import DatasetSpec
+
+    rows = build_dataset(DatasetSpec(name="gsm8k", path=str(data_dir() / "gsm8k_test.jsonl"), split="test", limit=n),
+                         tok).to_list()
+    prompts = [tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in rows]
+    sols = [re.sub(r"<<[^<>]*>>", "", r.get("solution") or "") for r in rows]
+    side = tok.padding_side
+    tok.padding_side = "left"
+    batches = []
+    for b in range(0, len(rows), batch_size):
+        enc = tok(prompts[b:b + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        ans = [tok(x, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for x in sols[b:b + batch_size]]
+        batches.append((enc, ans))
+    tok.padding_side = side
+    out: dict = {}
+    argmax_none: list = []
+    for kind in ("none",) + KINDS:
+        total, count, agree, seen = 0.0, 0, 0, 0
+        for bi, (enc, ans) in enumerate(batches):
+            if kind == "none":
+                restore_model(model)
+                cache = DynamicCache()
+            else:
+                prepare_model(model, config(kind))
+                cache = make_cache(model, config(kind))
+            mask = enc["attention_mask"]
+            steps = max(map(len, ans))
+            tgt = torch.full((len(ans), steps), tok.pad_token_id)
+            valid = torch.zeros(len(ans), steps, dtype=torch.bool)
+            for i, a in enumerate(ans):
+                tgt[i, :len(a)] = torch.tensor(a)
+                valid[i, :len(a)] = True
+            preds = []
+            with torch.no_grad():
+                pos = (mask.cumsum(-1) - 1).clamp_min(0)
+                logits = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos,
+                               past_key_values=cache, use_cache=True).logits[:, -1]
+                for t in range(steps):
+                    lp = torch.log_softmax(logits.float(), -1)
+                    nll = -lp.gather(1, tgt[:, t:t + 1]).squeeze(1)
+                    total += float(nll[valid[:, t]].sum())
+                    count += int(valid[:, t].sum())
+                    preds.append(logits.argmax(-1))
+                    mask = torch.cat([mask, valid[:, t:t + 1].long()], dim=1)
+                    pos = pos[:, -1:] + 1
+                    logits = model(input_ids=tgt[:, t:t + 1], attention_mask=mask, position_ids=pos,
+                                   past_key_values=cache, use_cache=True).logits[:, -1]
+            pred = torch.stack(preds, 1)
+            if kind == "none":
+                argmax_none.append(pred)
+            else:
+                agree += int((pred == argmax_none[bi])[valid].sum())
+                seen += int(valid.sum())
+            restore_model(model)
+        out[kind] = {"nll": total / count, "tokens": count, "top1_agree": agree / seen if seen else 1.0}
+    return out
+
+
 def gsm8k_worker(kind: str, n: int, max_new_tokens: int, out: Path, threads: int) -> None:
     """One cache kind on the first ``n`` GSM8K test problems; writes ``out`` (JSON)."""
     from rlkit.data import build_dataset
@@ -228,6 +305,8 @@ def main(argv=None) -> int:
     p.add_argument("--gsm8k-kinds", nargs="+", default=["polarquant", "think"], choices=list(KINDS),
                    help="compressed caches evaluated on GSM8K (the default cache always is)")
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--teacher-forced", type=int, default=None,
+                   help="GSM8K reference solutions scored token by token through each cache (default 64)")
     p.add_argument("--jobs", type=int, default=2, help="GSM8K evaluations at a time (one process each)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--speed-repeats", type=int, default=None, help="alternating rounds for the decode timing")
@@ -236,6 +315,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     preset = "smoke" if a.smoke else "quick" if a.quick else "full"
     n_gsm, contexts, steps, rounds, haystack, depths, n_names = PRESETS[preset]
+    n_tf = {"smoke": 4, "quick": 16, "full": 64}[preset] if a.teacher_forced is None else a.teacher_forced
     n_gsm = a.gsm8k if a.gsm8k is not None else n_gsm
     rounds = a.speed_repeats or rounds
     max_new = a.max_new_tokens or (32 if preset == "smoke" else 256)
@@ -265,6 +345,10 @@ def main(argv=None) -> int:
         for k, r in ret.items():
             print(f"retrieval ({r['context_tokens']} tokens): {k:>10}: {r['accuracy']:.2f} by depth "
                   + ", ".join(f"{d}: {v:.2f}" for d, v in r["by_depth"].items()), flush=True)
+        tf = teacher_forced(model, tok, n_tf)
+        for k, r in tf.items():
+            print(f"GSM8K reference solutions, teacher-forced ({n_tf} problems, {r['tokens']} tokens): {k:>10}: "
+                  f"NLL {r['nll']:.4f}, top-1 agreement with the default cache {r['top1_agree']:.3f}", flush=True)
         gsm = future.result()
     fields: dict[str, float] = {}
     longest = max(contexts)
@@ -291,8 +375,12 @@ def main(argv=None) -> int:
         fields[f"decode_tps_none_{n}"] = speed[n]["none"]["tokens_per_s"]
     for k, r in ret.items():
         fields[f"retrieval_{SHORT[k]}"] = r["accuracy"]
+    for k in KINDS:
+        fields[f"tf_nll_delta_{SHORT[k]}"] = tf[k]["nll"] - tf["none"]["nll"]
+        fields[f"tf_top1_agree_{SHORT[k]}"] = tf[k]["top1_agree"]
     (out / "results.json").write_text(json.dumps({
         "preset": preset, "fields": fields, "speed": {str(n): v for n, v in speed.items()}, "retrieval": ret,
+        "teacher_forced": tf,
         "gsm8k": {k: {"summary": v["summary"], "seconds": v["seconds"]} for k, v in gsm.items()}}, indent=1) + "\n")
     print(f"wall time {time.time() - t0:.0f} s")
     order = ["polar_bytes_ratio", "think_bytes_ratio", "gsm8k_delta_polar", "gsm8k_delta_think"]
