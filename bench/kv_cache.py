@@ -13,7 +13,9 @@ whole; ``both``) with the uncompressed ``DynamicCache`` on the same model, input
    256, batches of 16) with each cache, through ``rlkit.eval.evaluate_rows`` (the path ``rlkit eval
    --kv-cache`` takes). ``gsm8k_delta_*`` = accuracy with the compressed cache - accuracy with the default
    one, in points (target: within 1). ``agree_*``: share of problems whose greedy completion is identical to
-   the default cache's; ``answer_agree_*``: share with the same extracted final answer.
+   the default cache's; ``answer_agree_*``: share with the same extracted final answer (None included);
+   ``prefix_agree_*``: mean length of the common prefix with the default cache's completion, over the longer
+   of the two (characters).
 4. **Teacher-forced quality**: the GSM8K reference solutions of the first ``--teacher-forced`` problems are
    fed token by token after the chat prompt through each cache (every prediction reads the compressed
    cache, as in decoding); ``tf_nll_delta_*`` = mean NLL with the compressed cache - with the default one,
@@ -260,6 +262,16 @@ def teacher_forced(model, tok, n: int, batch_size: int = 16) -> dict:
     return out
 
 
+def common_prefix(a: str, b: str) -> float:
+    """Length of the common prefix of two completions over the longer one's length (1.0: identical)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n / max(len(a), len(b)) if max(len(a), len(b)) else 1.0
+
+
 def gsm8k_worker(kind: str, n: int, max_new_tokens: int, out: Path, threads: int) -> None:
     """One cache kind on the first ``n`` GSM8K test problems; writes ``out`` (JSON)."""
     from rlkit.data import build_dataset
@@ -363,11 +375,15 @@ def main(argv=None) -> int:
         acc = g["summary"]["pass@1"]
         same = sum(a_["completion"] == b_["completion"] for a_, b_ in zip(g["records"], base["records"])) / n_gsm
         same_ans = sum(a_["extracted"] == b_["extracted"] for a_, b_ in zip(g["records"], base["records"])) / n_gsm
+        prefix = statistics.mean(common_prefix(a_["completion"], b_["completion"])
+                                 for a_, b_ in zip(g["records"], base["records"]))
         fields[f"gsm8k_delta_{SHORT[k]}"] = 100 * (acc - base_acc)
+        fields[f"prefix_agree_{SHORT[k]}"] = prefix
         fields[f"agree_{SHORT[k]}"] = same
         fields[f"answer_agree_{SHORT[k]}"] = same_ans
         print(f"GSM8K {k}: {100 * acc:.1f}% (delta {100 * (acc - base_acc):+.1f} points), identical completions "
-              f"{same:.2f}, same extracted answer {same_ans:.2f} ({g['seconds']:.0f} s)", flush=True)
+              f"{same:.2f}, same extracted answer {same_ans:.2f}, common prefix {prefix:.2f} of the longer "
+              f"completion ({g['seconds']:.0f} s)", flush=True)
     fields["gsm8k_acc_none"] = 100 * base_acc
     for n in contexts:
         for k in KINDS:

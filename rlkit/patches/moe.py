@@ -36,7 +36,7 @@ No buffers are added; ``model.state_dict()`` round-trips through ``load_state_di
 ``save_pretrained`` checkpoint holds these names; ``from_pretrained`` of the base architecture reports them as
 unexpected (and the dense MLP weights as missing), and re-applying the recorded patch creates the parameters
 with their seeded initial values, so a loader must copy the checkpoint's ``*.mlp.w_*`` tensors in after
-re-applying the patches (``model.load_state_dict(subset, strict=False)``). Upcycling needs the dense weights
+re-applying the patches: ``rlkit.models.load_model`` does (``rlkit.patches.load_patch_weights``). Upcycling needs the dense weights
 and only makes sense on a dense checkpoint.
 
 Token dispatch (shared, ``dispatch``): the ``[B, S, d]`` input is flattened to ``[T, d]``; the ``T*K``
