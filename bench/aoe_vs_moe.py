@@ -71,8 +71,9 @@ def active_matched_width(d: int, dense_width: int, n: int, k: int, r: int) -> in
     return round((3 * d * dense_width - n * d * r) / (k * (r + 2 * d)))
 
 
-def variant_patches(base: dict, variant: str, match: str = "active") -> list[dict]:
-    aoe = [p for p in base["model"].get("patches", []) if p.get("name") == "aoe"]
+def variant_patches(base: dict, variant: str, match: str = "active", aux: float | None = None) -> list[dict]:
+    aoe = [dict(p, **({} if aux is None else {"aux_loss_coef": aux}))
+           for p in base["model"].get("patches", []) if p.get("name") == "aoe"]
     if len(aoe) != 1:
         raise SystemExit(f"{RECIPE}: expected exactly one aoe patch")
     if variant == "dense":
@@ -96,9 +97,9 @@ def check_active_matching(base: dict) -> None:
 
 
 def variant_recipe(base: dict, variant: str, steps: int, eval_tokens: int, docs: int | None, data: Path,
-                   match: str) -> dict:
+                   match: str, aux: float | None) -> dict:
     r = copy.deepcopy(base)
-    r["model"]["patches"] = variant_patches(base, variant, match)
+    r["model"]["patches"] = variant_patches(base, variant, match, aux)
     r["data"]["train"] = dict(r["data"]["train"], path=str(data), limit=docs)
     r["trainer"].update(max_steps=steps, eval_context_lengths=[r["trainer"]["seq_length"]], eval_max_tokens=eval_tokens,
                         save_strategy="no", logging_steps=max(1, steps // 20),
@@ -107,14 +108,15 @@ def variant_recipe(base: dict, variant: str, steps: int, eval_tokens: int, docs:
     return r
 
 
-def train_runs(seeds, steps, eval_tokens, docs, data: Path, out: Path, jobs: int, threads: int, match: str) -> dict:
+def train_runs(seeds, steps, eval_tokens, docs, data: Path, out: Path, jobs: int, threads: int, match: str,
+               aux_coef: float | None) -> dict:
     base = load_recipe_dict(RECIPE)
 
     def one(key):
         seed, variant = key
         d = out / f"seed{seed}" / variant
         if not (d / "final" / ".rlkit_done").exists():
-            train(variant_recipe(base, variant, steps, eval_tokens, docs, data, match),
+            train(variant_recipe(base, variant, steps, eval_tokens, docs, data, match, aux_coef),
                   [f"output_dir={d}", f"seed={seed}"], out / f"{variant}_seed{seed}.log", threads)
         ppl = json.loads((d / "perplexity.json").read_text())
         history = json.loads((d / "log_history.json").read_text())
@@ -211,7 +213,10 @@ def main(argv=None) -> int:
     p.add_argument("--match", choices=("active", "total"), default="active",
                    help="AoE expert width: equal active parameters per token (default, the recipe's width) or "
                         "the paper's equal total parameters (each expert as large as a MoE expert)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/bench_aoe_<preset>[_total])")
+    p.add_argument("--aux-loss-coef", type=float, default=None,
+                   help="load-balancing loss coefficient for both MoE and AoE (default: the recipe's, 0). The "
+                        "paper's alpha = 0.01 is 0.02 here at top-2 (rlkit's L_aux is 1 when balanced)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/bench_aoe_<preset>[_total][_auxC])")
     a = p.parse_args(argv)
     preset = "smoke" if a.smoke else "quick" if a.quick else "full"
     seeds, steps, eval_tokens, docs, rounds, per_round = PRESETS[preset]
@@ -221,7 +226,8 @@ def main(argv=None) -> int:
         p.error(f"GSM8K train file {data} not found; pass --data or set RLKIT_DATA_DIR")
     if steps < 1:
         p.error("--steps must be at least 1")
-    out = Path(a.out or ROOT / "runs" / f"bench_aoe_{preset}{'_total' if a.match == 'total' else ''}")
+    suffix = ("_total" if a.match == "total" else "") + (f"_aux{a.aux_loss_coef:g}" if a.aux_loss_coef is not None else "")
+    out = Path(a.out or ROOT / "runs" / f"bench_aoe_{preset}{suffix}")
     base = load_recipe_dict(RECIPE)
     check_active_matching(base)
     print(f"AoE vs MoE vs dense ({preset}): seeds {seeds}, {steps} steps, out {out}", flush=True)
@@ -236,7 +242,7 @@ def main(argv=None) -> int:
     print(f"throughput AoE / MoE = {ratio:.3f}; MoE / dense = "
           f"{speed['moe']['tokens_per_s'] / speed['dense']['tokens_per_s']:.3f}", flush=True)
 
-    res = train_runs(seeds, steps, eval_tokens, docs, data, out, a.jobs, a.threads, a.match)
+    res = train_runs(seeds, steps, eval_tokens, docs, data, out, a.jobs, a.threads, a.match, a.aux_loss_coef)
     fields: dict[str, float] = {"throughput_ratio": ratio}
     for v in VARIANTS:
         ev = [res[(s, v)]["eval_loss"] for s in seeds]
@@ -257,12 +263,13 @@ def main(argv=None) -> int:
     for v in VARIANTS:
         fields[f"tokens_per_s_{v}"] = speed[v]["tokens_per_s"]
     (out / "results.json").write_text(json.dumps({
-        "preset": preset, "match": a.match, "seeds": seeds, "steps": steps, "fields": fields, "active_mlp_params": active,
+        "preset": preset, "match": a.match, "aux_loss_coef": a.aux_loss_coef, "seeds": seeds, "steps": steps, "fields": fields, "active_mlp_params": active,
         "throughput": speed, "runs": {f"{v}/seed{s}": r for (s, v), r in res.items()}}, indent=1) + "\n")
     print(f"wall time {time.time() - t0:.0f} s")
     order = ["throughput_ratio", "loss_aoe", "loss_moe", "loss_dense"]
     keys = order + [k for k in fields if k not in order]
-    print("RESULT " + " ".join(f"{k}={fields[k]:.4f}" for k in keys) + f" seeds={len(seeds)} steps={steps} match={a.match}")
+    print("RESULT " + " ".join(f"{k}={fields[k]:.4f}" for k in keys) + f" seeds={len(seeds)} steps={steps} match={a.match}"
+          + (f" aux_loss_coef={a.aux_loss_coef:g}" if a.aux_loss_coef is not None else ""))
     return 0
 
 
