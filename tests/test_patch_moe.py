@@ -12,12 +12,18 @@ import torch.nn.functional as F
 
 from rlkit.models import build_tiny_model
 from rlkit.patches import apply_patches
-from rlkit.patches.moe import (AoEMoE, TopKMoE, dispatch, matched_aoe_width, moe_aux_loss, moe_modules,
+from rlkit.patches import auxiliary_loss
+from rlkit.patches.moe import (AoEMoE, TopKMoE, dispatch, matched_aoe_width, moe_modules,
                                moe_stats)
 from rlkit.recipe import TinyModelSpec
 
 SPEC = TinyModelSpec(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=128)
+
+
+def aux_weighted(model):
+    """The weighted auxiliary loss rlkit's trainers add (``rlkit.patches.auxiliary_loss``)."""
+    return auxiliary_loss(model)[0]
 
 
 @pytest.fixture
@@ -219,11 +225,11 @@ def test_aux_loss_balanced_collapsed_and_hf_convention():
 
 def test_moe_aux_loss_and_stats_on_model(model, char_tokenizer):
     ids = batch(char_tokenizer)
-    assert moe_aux_loss(model) is None and moe_stats(model) == {}
+    assert aux_weighted(model) is None and moe_stats(model) == {}
     apply_patches(model, [{"name": "aoe", "num_experts": 4, "top_k": 2}])
-    assert moe_aux_loss(model) is None  # no forward yet
+    assert aux_weighted(model) is None  # no forward yet
     model(**ids)
-    assert moe_aux_loss(model) is None  # coefficient 0: logged, not added
+    assert aux_weighted(model) is None  # coefficient 0: logged, not added
     stats = moe_stats(model)
     assert set(stats) == {"moe/aux_loss", "moe/load_entropy", "moe/load_max"}
     assert stats["moe/aux_loss"] >= 1.0 - 1e-6 and 0 < stats["moe/load_entropy"] <= 1
@@ -235,7 +241,7 @@ def test_moe_aux_loss_and_stats_on_model(model, char_tokenizer):
     for layer in moe_modules(m2):
         layer.register_forward_hook(lambda mod, args, out: captured.__setitem__(mod.layer_idx, args[0].detach()))
     m2(**ids)
-    total = moe_aux_loss(m2)
+    total = aux_weighted(m2)
     assert total.requires_grad
     # recompute L_aux = n * sum f_i P_i from each layer's input over the real tokens
     mask = ids["attention_mask"].reshape(-1).bool()
@@ -380,7 +386,7 @@ def test_gradient_checkpointing_keeps_forward_aux(char_tokenizer):
     (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
     m.train()
     ids = batch(char_tokenizer)
-    loss = m(**ids, labels=ids["input_ids"]).loss + moe_aux_loss(m)
+    loss = m(**ids, labels=ids["input_ids"]).loss + aux_weighted(m)
     loss.backward()
     grads = [p.grad for p in moe_modules(m)[0].parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -81,9 +81,15 @@ def apply_patches(model: Any, specs: list[dict], weights_from: str | None = None
     return model
 
 
+def _shards(index_file: str) -> list[str]:
+    import json
+    from pathlib import Path
+
+    return sorted(set(json.loads(Path(index_file).read_text())["weight_map"].values()))
+
+
 def _checkpoint_files(path: str) -> list[str]:
     """The safetensors files of a checkpoint folder or hub id (sharded or not); [] when there are none."""
-    import json
     import os
 
     from transformers.utils import cached_file
@@ -92,8 +98,7 @@ def _checkpoint_files(path: str) -> list[str]:
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
         if os.path.isfile(index):
-            shards = sorted(set(json.loads(open(index).read())["weight_map"].values()))
-            return [os.path.join(path, f) for f in shards]
+            return [os.path.join(path, f) for f in _shards(index)]
         return [single] if os.path.isfile(single) else []
     for name in ("model.safetensors.index.json", "model.safetensors"):
         f = cached_file(path, name, _raise_exceptions_for_missing_entries=False,
@@ -101,8 +106,7 @@ def _checkpoint_files(path: str) -> list[str]:
         if f is None:
             continue
         if name.endswith(".json"):
-            shards = sorted(set(json.loads(open(f).read())["weight_map"].values()))
-            return [cached_file(path, s) for s in shards]
+            return [cached_file(path, s) for s in _shards(f)]
         return [f]
     return []
 
@@ -147,17 +151,18 @@ def auxiliary_modules(model: Any) -> list:
 def auxiliary_loss(model: Any) -> tuple[Any, float | None]:
     """``(weighted, raw_mean)`` over the auxiliary-loss modules after the model's last forward pass.
 
-    ``weighted`` is ``sum(coef * aux_loss)`` over modules with ``coef > 0`` (a tensor that carries the
-    gradient; None when no module adds a loss). ``raw_mean`` is the un-weighted mean of every module's
-    loss, for logging (None when there is no such module or none has run)."""
-    weighted, raw, n = None, 0.0, 0
+    ``weighted`` is ``sum(coef * aux_loss)`` over modules with ``coef > 0`` (a tensor, carrying the gradient
+    when the forward did; with layers on several devices it lives on the first one's device; None when no
+    module adds a loss or none has run). ``raw_mean`` is the un-weighted mean of every module's loss, for
+    logging (None when there is no such module or none has run); it costs one device sync."""
+    weighted, raws = None, []
     for m in auxiliary_modules(model):
         aux = m.aux_loss
         if aux is None:
             continue
-        raw += float(aux.detach())
-        n += 1
-        if m.aux_loss_coef and aux.requires_grad:
+        raws.append(aux.detach())
+        if m.aux_loss_coef > 0:
             term = m.aux_loss_coef * aux
             weighted = term if weighted is None else weighted + term.to(weighted.device)
-    return weighted, (raw / n if n else None)
+    raw = float(sum(r.to(raws[0].device) for r in raws)) / len(raws) if raws else None
+    return weighted, raw

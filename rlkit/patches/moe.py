@@ -63,7 +63,7 @@ assignments that went to expert ``i`` (no gradient), so ``sum_i f_i = 1`` and pe
 that picked ``i``), which is exactly ``K`` times our value, minimum ``K``. The paper's ``alpha_aux = 0.01``
 therefore corresponds to ``aux_loss_coef = 0.01 * K`` here. It is computed per layer (HF Mixtral pools the
 counts over all layers before multiplying). Padding tokens are excluded from ``P`` and ``f`` (below). The loss
-is always computed (for logging); it enters training only through ``moe_aux_loss(model)``, which a trainer
+is always computed (for logging); it enters training only through ``rlkit.patches.auxiliary_loss(model)``, which a trainer
 must add to its loss after the forward pass (``aux_loss_coef`` = 0, the default, adds nothing).
 
 Padding: an MLP sees only hidden states, so the patch registers a forward pre-hook (``with_kwargs=True``) on
@@ -91,7 +91,7 @@ step. Two limits: with *reentrant* checkpointing the first forward runs under ``
 has no gradient and the aux loss cannot train; and the recomputation reads ``token_mask`` again, so the
 decoder must not run another forward on the same model between a training forward and its backward (TRL's
 GRPO / SFT trainers do not).
-Module-level helpers: ``moe_modules(model)``, ``moe_aux_loss(model)`` (sum of ``coef * aux_loss`` over the
+Module-level helpers: ``moe_modules(model)``, ``rlkit.patches.auxiliary_loss(model)`` (sum of ``coef * aux_loss`` over the
 layers with ``coef > 0``; None when there is none), ``moe_stats(model)`` (``moe/aux_loss``,
 ``moe/load_entropy``, ``moe/load_max`` for logging).
 
@@ -114,7 +114,8 @@ spec list in ``config.rlkit_patches``). Options, shared by ``aoe`` and ``moe``:
   of width ``expert_size`` (the router's ``d*n`` parameters are not matched). Default: true when
   ``expert_size`` is derived (not given) and the layer is not upcycled, false otherwise; true together with
   ``upcycle`` is an error.
-- ``aux_loss_coef`` (0.0, >= 0): stored on each layer, used by ``moe_aux_loss``.
+- ``aux_loss_coef`` (0.0, >= 0): stored on each layer, used by ``rlkit.patches.auxiliary_loss`` (which rlkit's
+  trainers add to their loss, ``rlkit.trainers.aux``).
 - ``init_std`` (0.02, the AoE reference's init for every matrix, router included): all new matrices are
   ``N(0, init_std^2)``. Layer ``i`` is initialised on the CPU in float32 under ``torch.random.fork_rng``
   with ``torch.manual_seed(seed + i)`` (the global RNG is left untouched) and then moved to the dense
@@ -167,7 +168,7 @@ from . import register_patch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AoEMoE", "Routing", "TopKMoE", "aoe", "dispatch", "matched_aoe_width", "moe", "moe_aux_loss",
+__all__ = ["AoEMoE", "Routing", "TopKMoE", "aoe", "dispatch", "matched_aoe_width", "moe",
            "moe_modules", "moe_stats"]
 
 
@@ -469,20 +470,6 @@ def moe_modules(model: Any) -> list[_MoEBase]:
         except AttributeError:
             pass
     return found
-
-
-def moe_aux_loss(model: Any) -> torch.Tensor | None:
-    """``sum(coef * aux_loss)`` over the MoE layers with ``aux_loss_coef > 0`` from their last forward.
-
-    None when the model has no MoE layer, every coefficient is 0, or no forward has run yet. With layers on
-    several devices the sum lives on the first one's device.
-    """
-    total = None
-    for m in moe_modules(model):
-        if m.aux_loss_coef > 0 and m.aux_loss is not None:
-            term = m.aux_loss_coef * m.aux_loss
-            total = term if total is None else total + term.to(total.device)
-    return total
 
 
 def moe_stats(model: Any) -> dict[str, float]:
