@@ -167,3 +167,26 @@ def test_pipeline_stage_upcycles_the_previous_dense_stage(tmp_path, write_jsonl,
     assert dense["eval_loss"] > 0
     u_trained, _ = load_model(ModelSpec(name=str(out / "upcycled" / "final")))
     assert isinstance(u_trained.model.layers[0].mlp, type(u_model.model.layers[0].mlp))
+
+
+def test_sharded_moe_checkpoint_reloads_and_mismatched_options_fail(char_tokenizer, tmp_path):
+    from rlkit.patches import load_patch_weights
+
+    patch = {"name": "moe", "num_experts": 4, "top_k": 2}
+    model = build_tiny_model(TinyModelSpec(**TINY), char_tokenizer, seed=3)
+    apply_patches(model, [patch])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="100KB")
+    char_tokenizer.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
+    loaded, _ = load_model(ModelSpec(name=str(tmp_path / "ckpt")))
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    # a model patched with other options cannot take these weights
+    other = build_tiny_model(TinyModelSpec(**TINY), char_tokenizer)
+    apply_patches(other, [{"name": "moe", "num_experts": 2, "top_k": 1}])
+    names = [k for k in other.state_dict() if ".mlp." in k]
+    with pytest.raises(ValueError, match="has shape"):
+        load_patch_weights(other, str(tmp_path / "ckpt"), names)
