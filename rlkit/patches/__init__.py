@@ -76,8 +76,10 @@ def apply_patches(model: Any, specs: list[dict], weights_from: str | None = None
         model.config.rlkit_patches = (list(getattr(model.config, "rlkit_patches", None) or []) if append else []) + applied
         model.__dict__.pop("_rlkit_aux_modules", None)
     created = [k for k in model.state_dict() if k not in before]
-    if created and weights_from is not None:
-        load_patch_weights(model, weights_from, created)
+    if created and weights_from is not None and load_patch_weights(model, weights_from, created):
+        print(f"[rlkit] re-applied patches {[p['name'] for p in specs]} and loaded their {len(created)} parameter "
+              f"tensors from {weights_from} (transformers' load report lists them as UNEXPECTED and the weights "
+              "they replace as MISSING: that is expected)", flush=True)
     return model
 
 
