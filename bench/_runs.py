@@ -14,6 +14,12 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def data_dir() -> Path:
+    """The folder of the shared data files: ``$RLKIT_DATA_DIR``, else ``../shared/data`` beside the repository."""
+    env = os.environ.get("RLKIT_DATA_DIR")
+    return Path(env) if env else ROOT.parent / "shared" / "data"
+
+
 def train(recipe: dict | Path, overrides: list[str], log: Path, threads: int = 1) -> None:
     """Run ``python -m rlkit train`` on a recipe (a file, or a dict written next to ``log``)."""
     if isinstance(recipe, dict):

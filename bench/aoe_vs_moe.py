@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import time
@@ -48,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import ROOT, load_recipe_dict, train  # noqa: E402
+from _runs import ROOT, data_dir, load_recipe_dict, train  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "pretrain" / "tiny_gsm8k_aoe.yaml"
 VARIANTS = ("dense", "moe", "aoe")
@@ -57,11 +56,6 @@ PRESETS = {  # seeds, steps, eval tokens, documents (None: all), throughput roun
     "quick": ([0], 150, 16384, None, 4, 3),
     "full": ([0, 1, 2], 600, 32768, None, 8, 4),
 }
-
-
-def default_data() -> Path:
-    env = os.environ.get("RLKIT_DATA_DIR")
-    return Path(env) / "gsm8k_train.jsonl" if env else ROOT.parent / "shared" / "data" / "gsm8k_train.jsonl"
 
 
 def active_matched_width(d: int, dense_width: int, n: int, k: int, r: int) -> int:
@@ -221,7 +215,7 @@ def main(argv=None) -> int:
     preset = "smoke" if a.smoke else "quick" if a.quick else "full"
     seeds, steps, eval_tokens, docs, rounds, per_round = PRESETS[preset]
     seeds, steps = a.seeds or seeds, a.steps or steps
-    data = a.data or default_data()
+    data = a.data or data_dir() / "gsm8k_train.jsonl"
     if not data.is_file():
         p.error(f"GSM8K train file {data} not found; pass --data or set RLKIT_DATA_DIR")
     if steps < 1:

@@ -31,7 +31,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import ROOT, load_recipe_dict, train  # noqa: E402
+from _runs import ROOT, data_dir, load_recipe_dict, train  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "pretrain" / "tiny_gsm8k_hope.yaml"
 LENGTHS = (128, 256, 512)
@@ -49,11 +48,6 @@ PRESETS = {  # seeds, steps, eval tokens, documents (None: all)
     "quick": ([0], 300, 16384, None),
     "full": ([0, 1, 2], 1500, 32768, None),
 }
-
-
-def default_data() -> Path:
-    env = os.environ.get("RLKIT_DATA_DIR")
-    return Path(env) / "gsm8k_train.jsonl" if env else ROOT.parent / "shared" / "data" / "gsm8k_train.jsonl"
 
 
 def variant_recipe(base: dict, variant: str, steps: int, eval_tokens: int, docs: int | None, data: Path) -> dict:
@@ -113,7 +107,7 @@ def main(argv=None) -> int:
     preset = "smoke" if a.smoke else "quick" if a.quick else "full"
     seeds, steps, eval_tokens, docs = PRESETS[preset]
     seeds, steps = a.seeds or seeds, a.steps or steps
-    data = a.data or default_data()
+    data = a.data or data_dir() / "gsm8k_train.jsonl"
     if not data.is_file():
         p.error(f"GSM8K train file {data} not found; pass --data or set RLKIT_DATA_DIR")
     from rlkit.patches import available_patches

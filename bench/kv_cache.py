@@ -50,7 +50,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import ROOT, data_dir  # noqa: E402
+
 MODEL = "smollm2-135m-instruct"
 KINDS = ("polarquant", "think", "both")
 SHORT = {"polarquant": "polar", "think": "think", "both": "both", "none": "none"}
@@ -60,11 +62,6 @@ PRESETS = {  # GSM8K problems, contexts for bytes/speed, decode steps, speed rou
     "full": (200, (1024, 4096), 32, 3, 2048, (0.1, 0.3, 0.5, 0.7, 0.9), 4),
 }
 NAMES = ["Alice Moreau", "Bilal Haddad", "Chen Wei", "Dara Okafor", "Elena Petrova", "Farid Nasser"]
-
-
-def data_dir() -> Path:
-    env = os.environ.get("RLKIT_DATA_DIR")
-    return Path(env) if env else ROOT.parent / "shared" / "data"
 
 
 def load(threads: int):
