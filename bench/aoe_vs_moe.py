@@ -127,27 +127,33 @@ def train_runs(seeds, steps, eval_tokens, docs, data: Path, out: Path, jobs: int
         return dict(zip(keys, pool.map(one, keys)))
 
 
-def throughput(base: dict, data: Path, docs: int | None, rounds: int, steps_per_round: int, threads: int,
-               match: str) -> dict:
+def build_models(base: dict, match: str) -> tuple[dict, object]:
+    """The three variants of the recipe's model (seed 0), and the tokenizer."""
+    from rlkit.models import load_model
+    from rlkit.recipe import ModelSpec, TinyModelSpec
+
+    tiny = TinyModelSpec(**base["model"]["tiny"])
+    models = {}
+    for v in VARIANTS:
+        models[v], tok = load_model(ModelSpec(name="tiny", tiny=tiny, patches=variant_patches(base, v, match)), seed=0)
+    return models, tok
+
+
+def throughput(models: dict, tok, base: dict, data: Path, docs: int | None, rounds: int, steps_per_round: int,
+               threads: int) -> dict:
     """Tokens/s of forward + backward + AdamW per variant, interleaved in alternating order."""
     import torch
 
-    from rlkit.models import load_model
-    from rlkit.recipe import ModelSpec, TinyModelSpec
-    from rlkit.trainers.pretrain import pack, tokenize_documents
     from rlkit.data import load_raw_rows
     from rlkit.recipe import DatasetSpec
+    from rlkit.trainers.pretrain import pack, tokenize_documents
 
     torch.set_num_threads(threads)
     seq, batch = base["trainer"]["seq_length"], base["trainer"]["per_device_train_batch_size"]
-    tiny = TinyModelSpec(**base["model"]["tiny"])
-    models, opts, params = {}, {}, {}
-    for v in VARIANTS:
-        model, tok = load_model(ModelSpec(name="tiny", tiny=tiny, patches=variant_patches(base, v, match)), seed=0)
+    opts = {}
+    for v, model in models.items():
         model.train()
-        models[v] = model
         opts[v] = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        params[v] = sum(p.numel() for p in model.parameters())
     rows, _, _ = load_raw_rows(DatasetSpec(name="gsm8k", path=str(data), split="train", limit=docs or 2000))
     blocks = pack(tokenize_documents([r["question"] + "\n" + r["answer"] for r in rows], tok), seq)
     n_batches = max(1, min(8, blocks.shape[0] // batch))
@@ -170,19 +176,14 @@ def throughput(base: dict, data: Path, docs: int | None, rounds: int, steps_per_
                 step(v, batches[(r * steps_per_round + k) % len(batches)])
             times[v].append(time.perf_counter() - t0)
     tokens = steps_per_round * batches[0].numel()
-    return {v: {"tokens_per_s": tokens / statistics.median(times[v]), "round_s": times[v], "params": params[v]}
-            for v in VARIANTS}
+    return {v: {"tokens_per_s": tokens / statistics.median(times[v]), "round_s": times[v],
+                "params": sum(p.numel() for p in models[v].parameters())} for v in VARIANTS}
 
 
-def active_mlp_params(base: dict, match: str) -> dict:
+def active_mlp_params(models: dict) -> dict:
     """Parameters one token uses in one MLP layer, per variant (from the patched modules' shapes)."""
-    from rlkit.models import load_model
-    from rlkit.recipe import ModelSpec, TinyModelSpec
-
     out = {}
-    tiny = TinyModelSpec(**base["model"]["tiny"])
-    for v in VARIANTS:
-        model, _ = load_model(ModelSpec(name="tiny", tiny=tiny, patches=variant_patches(base, v, match)), seed=0)
+    for v, model in models.items():
         mlp = model.model.layers[0].mlp
         if v == "dense":
             out[v] = sum(p.numel() for p in mlp.parameters())
@@ -227,8 +228,9 @@ def main(argv=None) -> int:
     print(f"AoE vs MoE vs dense ({preset}): seeds {seeds}, {steps} steps, out {out}", flush=True)
 
     t0 = time.time()
-    speed = throughput(base, data, docs, rounds, per_round, a.threads, a.match)
-    active = active_mlp_params(base, a.match)
+    models, tok = build_models(base, a.match)
+    active = active_mlp_params(models)
+    speed = throughput(models, tok, base, data, docs, rounds, per_round, a.threads)
     for v in VARIANTS:
         print(f"{v:>5}: {speed[v]['tokens_per_s']:8.0f} tokens/s (train step, {a.threads} thread), "
               f"{speed[v]['params']:,} parameters, {active[v]:,} MLP parameters per token per layer", flush=True)

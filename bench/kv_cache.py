@@ -94,20 +94,24 @@ def config(kind: str):
     return KVCacheConfig(kind=kind)
 
 
+def fresh_cache(model, kind: str):
+    """Prepare ``model`` for ``kind`` and return an empty cache for one forward sequence (the default
+    ``DynamicCache`` for ``none``); ``rlkit.kvcache.restore_model`` undoes the preparation."""
+    from transformers import DynamicCache
+
+    from rlkit.kvcache import make_cache, prepare_model
+
+    prepare_model(model, config(kind))  # kind none: puts the model back as it was
+    return DynamicCache() if kind == "none" else make_cache(model, config(kind))
+
+
 def prefill_and_decode(model, ids: list[int], kind: str, steps: int) -> tuple[float, object]:
     """Seconds for ``steps`` greedy decode steps after a prefill of ``ids``, and the cache at the end."""
     import torch
-    from transformers import DynamicCache
 
-    from rlkit.kvcache import make_cache, prepare_model, restore_model
+    from rlkit.kvcache import restore_model
 
-    cfg = config(kind)
-    if kind == "none":
-        restore_model(model)
-        cache = DynamicCache()
-    else:
-        prepare_model(model, cfg)
-        cache = make_cache(model, cfg)
+    cache = fresh_cache(model, kind)
     x = torch.tensor([ids])
     with torch.no_grad():
         out = model(input_ids=x, past_key_values=cache, use_cache=True)
@@ -197,10 +201,9 @@ def teacher_forced(model, tok, n: int, batch_size: int = 16) -> dict:
     import re
 
     import torch
-    from transformers import DynamicCache
 
     from rlkit.data import build_dataset
-    from rlkit.kvcache import make_cache, prepare_model, restore_model
+    from rlkit.kvcache import restore_model
     from rlkit.recipe import DatasetSpec
 
     rows = build_dataset(DatasetSpec(name="gsm8k", path=str(data_dir() / "gsm8k_test.jsonl"), split="test", limit=n),
@@ -220,12 +223,7 @@ def teacher_forced(model, tok, n: int, batch_size: int = 16) -> dict:
     for kind in ("none",) + KINDS:
         total, count, agree, seen = 0.0, 0, 0, 0
         for bi, (enc, ans) in enumerate(batches):
-            if kind == "none":
-                restore_model(model)
-                cache = DynamicCache()
-            else:
-                prepare_model(model, config(kind))
-                cache = make_cache(model, config(kind))
+            cache = fresh_cache(model, kind)
             mask = enc["attention_mask"]
             steps = max(map(len, ans))
             tgt = torch.full((len(ans), steps), tok.pad_token_id)

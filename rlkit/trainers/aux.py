@@ -47,7 +47,7 @@ class AuxLossMixin:
 
     def log(self, logs: dict, *args, **kwargs):
         values = self.__dict__.get("_aux_log")
-        if values and any(k == "loss" or k.startswith("loss") for k in logs):
+        if values and any(k.startswith("loss") for k in logs):
             logs = {**logs, "aux_loss": sum(values) / len(values)}
             values.clear()
         return super().log(logs, *args, **kwargs)
