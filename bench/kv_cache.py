@@ -109,16 +109,17 @@ def prefill_and_decode(model, ids: list[int], kind: str, steps: int) -> tuple[fl
     """Seconds for ``steps`` greedy decode steps after a prefill of ``ids``, and the cache at the end."""
     import torch
 
+    from rlkit.compat import cache_kwargs
     from rlkit.kvcache import restore_model
 
     cache = fresh_cache(model, kind)
     x = torch.tensor([ids])
     with torch.no_grad():
-        out = model(input_ids=x, past_key_values=cache, use_cache=True)
+        out = model(input_ids=x, **cache_kwargs(cache), use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(steps):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, **cache_kwargs(cache), use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
         dt = time.perf_counter() - t0
     restore_model(model)
@@ -202,6 +203,7 @@ def teacher_forced(model, tok, n: int, batch_size: int = 16) -> dict:
 
     import torch
 
+    from rlkit.compat import cache_kwargs
     from rlkit.data import build_dataset
     from rlkit.kvcache import restore_model
     from rlkit.recipe import DatasetSpec
@@ -235,7 +237,7 @@ def teacher_forced(model, tok, n: int, batch_size: int = 16) -> dict:
             with torch.no_grad():
                 pos = (mask.cumsum(-1) - 1).clamp_min(0)
                 logits = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos,
-                               past_key_values=cache, use_cache=True).logits[:, -1]
+                               **cache_kwargs(cache), use_cache=True).logits[:, -1]
                 for t in range(steps):
                     lp = torch.log_softmax(logits.float(), -1)
                     nll = -lp.gather(1, tgt[:, t:t + 1]).squeeze(1)
@@ -245,7 +247,7 @@ def teacher_forced(model, tok, n: int, batch_size: int = 16) -> dict:
                     mask = torch.cat([mask, valid[:, t:t + 1].long()], dim=1)
                     pos = pos[:, -1:] + 1
                     logits = model(input_ids=tgt[:, t:t + 1], attention_mask=mask, position_ids=pos,
-                                   past_key_values=cache, use_cache=True).logits[:, -1]
+                                   **cache_kwargs(cache), use_cache=True).logits[:, -1]
             pred = torch.stack(preds, 1)
             if kind == "none":
                 argmax_none.append(pred)

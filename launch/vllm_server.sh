@@ -23,7 +23,7 @@
 #   --logprobs-mode processed_logprobs           logprobs after temperature, for importance-sampling correction
 #   --max-logprobs -1                            no cap on returned logprobs
 #   --enable-scale-out                           vLLM >= 0.30 only (multimodal render endpoints)
-# Needs `pip install -e .[vllm]` (vllm >= 0.28, < 0.34 for TRL 1.16).
+# Needs `pip install -e .[vllm]` (vllm >= 0.22, < 0.32: TRL 1.16's window).
 #
 # Environment: MODEL (required), VLLM_GPUS (default 0), TP tensor parallel size (default: number of
 # VLLM_GPUS), DP data parallel size (default 1; keep 1 for dense models), HOST (default 0.0.0.0),

@@ -132,6 +132,12 @@ def cmd_pear(args) -> int:
     return 0
 
 
+def cmd_env(args) -> int:
+    from .env import main as env_main
+
+    return env_main(as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlkit", description="Post-training toolkit for reasoning LLMs on TRL.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -153,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(func=cmd_recipes)
+
+    v = sub.add_parser("env", help="versions, platform and GPUs for a bug report; flags versions outside the "
+                                   "tested window")
+    v.add_argument("--json", action="store_true", help="print as JSON")
+    v.set_defaults(func=cmd_env)
 
     e = sub.add_parser("eval", help="evaluate a model on a math benchmark")
     e.add_argument("--model", required=True, help="hub id, local path, or built-in name")
@@ -254,10 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelError
     from .recipe import RecipeError
 
-    import warnings
+    from .compat import hide_dependency_deprecations
 
-    # transformers 5 renamed gradient_checkpointing; TRL still calls the old names on every run.
-    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
+    # TRL calls transformers' renamed gradient_checkpointing names on every run: hide what users cannot act on.
+    hide_dependency_deprecations()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

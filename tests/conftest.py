@@ -28,6 +28,30 @@ def _data_dir() -> Path:
     return Path(env) if env else Path(__file__).parents[1].parent / "shared" / "data"
 
 
+def _fail_on_own_deprecations(item):
+    """Run a test phase collecting the deprecation warnings that rlkit's code or the test itself caused
+    (``rlkit.compat.record_own_deprecations``); fail it when there is one, unless it is marked
+    ``allow_deprecated`` (a test that calls an old name on purpose)."""
+    from rlkit.compat import record_own_deprecations
+
+    with record_own_deprecations() as caught:
+        result = yield
+    if caught and item.get_closest_marker("allow_deprecated") is None:
+        pytest.fail("a deprecated dependency API was called from rlkit or the test (use rlkit.compat so both "
+                    "names work):\n" + "\n".join(dict.fromkeys(caught)), pytrace=False)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _fail_on_own_deprecations(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _fail_on_own_deprecations(item))
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from rlkit.compat import cache_kwargs
 from rlkit.kvcache import KVCacheConfig, key_cache_bytes, key_cache_report, kv_compression, make_cache, \
     prepare_model, restore_model, wrap_generate
 from rlkit.kvcache.cache import CompressedKeyLayer, CompressedKVCache, PolarKeyLayer, ThinKLayer
@@ -310,7 +311,7 @@ def tiny_qwen2(tok):
 
 
 def greedy(model, enc, cache=None, n=12):
-    out = model.generate(**enc, max_new_tokens=n, do_sample=False, past_key_values=cache,
+    out = model.generate(**enc, max_new_tokens=n, do_sample=False, **cache_kwargs(cache),
                          return_dict_in_generate=True, output_scores=True)
     return out.sequences, torch.stack(out.scores, 1)
 
@@ -344,10 +345,10 @@ def test_generation_with_compression_off_is_plain_generate(char_tokenizer, famil
 @torch.no_grad()
 def forced_logits(model, ids, cache, n_prompt=100):
     """Prefill ``n_prompt`` tokens, then decode the rest of ``ids`` one token at a time (teacher forcing)."""
-    out = model(ids[:, :n_prompt], past_key_values=cache, use_cache=True)
+    out = model(ids[:, :n_prompt], **cache_kwargs(cache), use_cache=True)
     logits = [out.logits[:, -1]]
     for i in range(n_prompt, ids.shape[1]):
-        out = model(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+        out = model(ids[:, i:i + 1], **cache_kwargs(cache), use_cache=True)
         logits.append(out.logits[:, -1])
     return torch.stack(logits, 1)
 
@@ -444,8 +445,8 @@ def test_think_ignores_left_padding(char_tokenizer):
     batch = char_tokenizer([long_text, short_text], return_tensors="pt", padding=True)
     alone = char_tokenizer([short_text], return_tensors="pt")
     padded_cache, alone_cache = make_cache(model, cfg), make_cache(model, cfg)
-    model.generate(**batch, max_new_tokens=1, do_sample=False, past_key_values=padded_cache)
-    model.generate(**alone, max_new_tokens=1, do_sample=False, past_key_values=alone_cache)
+    model.generate(**batch, max_new_tokens=1, do_sample=False, **cache_kwargs(padded_cache))
+    model.generate(**alone, max_new_tokens=1, do_sample=False, **cache_kwargs(alone_cache))
     # layer 0 keys/queries of the real tokens do not depend on the padding: same channels iff pads are ignored
     assert torch.equal(padded_cache.layers[0].keep_index[1], alone_cache.layers[0].keep_index[0])
 
@@ -459,7 +460,7 @@ def test_prepare_restore_and_guards(char_tokenizer):
         make_cache(model, think)
     cache = CompressedKVCache(2, **think.layer_kwargs())
     with pytest.raises(RuntimeError, match="prepare_model"):                   # would silently not prune
-        model.generate(**enc, max_new_tokens=2, past_key_values=cache)
+        model.generate(**enc, max_new_tokens=2, **cache_kwargs(cache))
     prepare_model(model, think)
     prepare_model(model, think)                                                # idempotent
     attn = model.model.layers[0].self_attn
@@ -478,7 +479,7 @@ def test_prepare_restore_and_guards(char_tokenizer):
     model.config._attn_implementation = "sdpa"
     # convenience wrappers
     explicit = (prepare_model(model, think), model.generate(**enc, max_new_tokens=5, do_sample=False,
-                                                             past_key_values=make_cache(model, think)))[1]
+                                                             **cache_kwargs(make_cache(model, think))))[1]
     restore_model(model)
     assert torch.equal(wrap_generate(model, think)(**enc, max_new_tokens=5, do_sample=False), explicit)
     restore_model(model)
@@ -489,7 +490,7 @@ def test_prepare_restore_and_guards(char_tokenizer):
     for cfg in (KVCacheConfig("both", lut=True, **SMALL), KVCacheConfig("think", **SMALL)):
         prepare_model(model, cfg)
         out = model.generate(**enc, max_new_tokens=6, do_sample=True, num_return_sequences=2,
-                             past_key_values=make_cache(model, cfg))
+                             **cache_kwargs(make_cache(model, cfg)))
         assert out.shape[0] == 4
     restore_model(model)
 
@@ -572,7 +573,7 @@ def test_smollm2_real_keys_quantization(smol, data_file):
     assert ids.shape[1] == 256
     cache = DynamicCache()
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
     errors = []
     for i in (0, 10, 29):
         keys = cache.layers[i].keys                                       # post-RoPE [1, 3, 256, 64]
@@ -598,11 +599,11 @@ def test_smollm2_bf16_generation(smol, data_file):
         for cfg in (KVCacheConfig("polarquant", residual_length=10 ** 9), KVCacheConfig("think", pruning_ratio=0.0)):
             prepare_model(model, cfg)
             assert torch.equal(model.generate(**enc, max_new_tokens=6, do_sample=False,
-                                              past_key_values=make_cache(model, cfg)), ref), cfg
+                                              **cache_kwargs(make_cache(model, cfg))), ref), cfg
         cfg = KVCacheConfig("both", group_size=32, residual_length=32, lut=True)
         prepare_model(model, cfg)
         cache = make_cache(model, cfg)
-        out = model.generate(**enc, max_new_tokens=6, do_sample=False, past_key_values=cache)
+        out = model.generate(**enc, max_new_tokens=6, do_sample=False, **cache_kwargs(cache))
         assert out.shape == ref.shape and cache.layers[5].prefix_codes is not None
         assert key_cache_report(cache)["ratio"] < 0.6
         assert (out[:, enc["input_ids"].shape[1]] == ref[:, enc["input_ids"].shape[1]]).all()  # first token

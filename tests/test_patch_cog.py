@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from rlkit.compat import cache_kwargs, output_cache
 from rlkit.models import build_tiny_model, load_model
 from rlkit.patches import apply_patches
 from rlkit.patches.cog import cog_attention, cog_attention_reference, cog_layers
@@ -226,9 +227,9 @@ def test_generation_with_cache_equals_without_padding(impl, char_tokenizer):
     full = m(input_ids=seq, attention_mask=mask).logits
     n = seq.shape[1] - 5
     out = m(input_ids=seq[:, :n], attention_mask=mask[:, :n], use_cache=True)
-    steps, cache = [out.logits], out.past_key_values
+    steps, cache = [out.logits], output_cache(out)
     for t in range(n, seq.shape[1]):
-        out = m(input_ids=seq[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
+        out = m(input_ids=seq[:, t:t + 1], attention_mask=mask[:, :t + 1], **cache_kwargs(cache), use_cache=True)
         steps.append(out.logits)
     real = mask.bool()
     torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], atol=1e-5, rtol=1e-5)

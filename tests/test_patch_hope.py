@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from rlkit.compat import cache_kwargs, output_cache
 from rlkit.models import build_tiny_model, load_model
 from rlkit.patches import apply_patches
 from rlkit.patches.hope import hope_keep_mask, resolve_train_length
@@ -171,9 +172,9 @@ def test_generation_with_cache_equals_without(model, char_tokenizer):
     full = model(input_ids=seq).logits
     out = model(input_ids=seq[:, :40], use_cache=True)
     steps = [out.logits]
-    cache = out.past_key_values
+    cache = output_cache(out)
     for t in range(40, 48):
-        out = model(input_ids=seq[:, t:t + 1], past_key_values=cache, use_cache=True)
+        out = model(input_ids=seq[:, t:t + 1], **cache_kwargs(cache), use_cache=True)
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 

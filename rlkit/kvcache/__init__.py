@@ -17,10 +17,11 @@ during ``generate``; values stay whole. Spec: ``shared/specs/model-patches.md`` 
 
 Use::
 
+    from rlkit.compat import cache_kwargs         # cache= from transformers 5.24 on, past_key_values= before
     from rlkit.kvcache import KVCacheConfig, make_cache, prepare_model
     cfg = KVCacheConfig(kind="polarquant")
     prepare_model(model, cfg)                      # hooks + attention switch when needed; idempotent
-    out = model.generate(**enc, past_key_values=make_cache(model, cfg), max_new_tokens=64)
+    out = model.generate(**enc, **cache_kwargs(make_cache(model, cfg)), max_new_tokens=64)
 
 ``make_cache`` must be called for every ``generate`` call (a cache holds one batch's state); it returns
 ``None`` for ``kind="none"`` (``generate`` then builds its default cache). :func:`wrap_generate` and the
@@ -208,13 +209,17 @@ def make_cache(model: Any, config: KVCacheConfig) -> Any:
 
 def wrap_generate(model: Any, config: KVCacheConfig) -> Callable[..., Any]:
     """Prepare ``model`` and return ``generate(**kwargs)`` that passes a fresh cache to ``model.generate``
-    (unless the call gives ``past_key_values`` itself)."""
+    (unless the call gives a cache itself, under either name)."""
+    from ..compat import cache_from_call, cache_kwarg
+
     prepare_model(model, config)
     base_generate = model.generate
 
     def generate(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = make_cache(model, config)
+        if cache_from_call((), kwargs) is None:
+            kwargs.pop("past_key_values", None)
+            kwargs.pop("cache", None)
+            kwargs[cache_kwarg()] = make_cache(model, config)
         return base_generate(*args, **kwargs)
 
     return generate

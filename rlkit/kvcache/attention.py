@@ -5,7 +5,8 @@ and then the attention interface with the returned tensors only; spec section 0)
 queries in the cache and the PolarQuant table-lookup decode needs the codes in the attention, so:
 
 - :func:`install_hooks` registers a forward pre-hook (``with_kwargs=True``) on every attention module. It reads
-  ``kwargs["past_key_values"]``; when that is a :class:`~rlkit.kvcache.cache.CompressedKVCache` it stashes a
+  the cache the module is called with (``cache`` from transformers 5.24 on, ``past_key_values`` before: both
+  are read, through :func:`rlkit.compat.cache_from_call`); when that is a :class:`~rlkit.kvcache.cache.CompressedKVCache` it stashes a
   weak reference to the module's cache layer on the module (``module.rlkit_kv_layer``) and tells the layer
   which attention implementation will read its keys (``layer.attn_impl``), before ``update`` runs. Any other
   cache (or none: training) clears the reference.
@@ -42,6 +43,7 @@ from typing import Any
 
 import torch
 
+from ..compat import cache_from_call
 from .cache import ATTENTION_NAMES, CompressedKeyLayer, CompressedKVCache
 
 __all__ = ["compressed_attention", "register_attention", "attention_modules", "install_hooks", "remove_hooks",
@@ -119,7 +121,7 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    cache = kwargs.get("past_key_values", args[3] if len(args) > 3 else None)
+    cache = cache_from_call(args, kwargs)
     if isinstance(cache, CompressedKVCache) and module.layer_idx < len(cache.layers):
         layer = cache.layers[module.layer_idx]
         layer.attn_impl = module.config._attn_implementation

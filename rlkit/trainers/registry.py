@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, get_args, get_origin
 
+from ..compat import trainer_field
 from ..recipe import RecipeError, _coerce
 
 # name -> "module:attribute" of a Method object
@@ -69,6 +70,7 @@ class Method:
                 if not isinstance(value, (bool, str)) and value is not None:
                     raise RecipeError(f"{where}.{key}: expected true, \"latest\" or a checkpoint folder, got {value!r}")
                 continue
+            key = trainer_field(key, fields)  # either spelling of a field transformers renamed
             if key not in fields:
                 near = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
                 hint = f"; did you mean {near[0]!r}?" if near else f" ({cls.__name__} has no such field)"
