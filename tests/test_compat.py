@@ -106,3 +106,28 @@ def test_the_real_rename_is_caught(tiny_model):
     with record_own_deprecations() as caught:
         model.generate(**enc, max_new_tokens=2, do_sample=False, **cache_kwargs(DynamicCache()))
     assert caught == []
+
+
+def test_renamed_trainer_fields_take_either_spelling():
+    from rlkit.compat import trainer_field
+
+    new = {"activation_checkpointing", "gradient_checkpointing", "learning_rate"}  # transformers >= 5.23
+    old = {"gradient_checkpointing", "learning_rate"}                               # before 5.23
+    assert trainer_field("gradient_checkpointing", new) == "activation_checkpointing"  # no deprecation
+    assert trainer_field("activation_checkpointing", new) == "activation_checkpointing"
+    assert trainer_field("activation_checkpointing", old) == "gradient_checkpointing"
+    assert trainer_field("gradient_checkpointing", old) == "gradient_checkpointing"
+    assert trainer_field("activation_checkpointing_kwargs", {"gradient_checkpointing_kwargs"}) == \
+        "gradient_checkpointing_kwargs"
+    assert trainer_field("learning_rate", old) == "learning_rate"
+
+
+def test_recipe_takes_either_checkpointing_spelling(tmp_path):
+    from rlkit.recipe import recipe_from_dict, resolve_runs
+    from rlkit.trainers import get_method
+
+    for key in ("gradient_checkpointing", "activation_checkpointing"):
+        recipe = recipe_from_dict({"method": "sft", "output_dir": str(tmp_path), "trainer": {key: True}})
+        run = resolve_runs(recipe)[0]
+        args = get_method("sft").trainer_config(run)
+        assert args.gradient_checkpointing is True
