@@ -37,7 +37,6 @@ Ends with ``RESULT throughput_ratio=... loss_aoe=... loss_moe=... loss_dense=...
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
@@ -47,7 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import ROOT, data_dir, load_recipe_dict, train  # noqa: E402
+from _runs import (ROOT, add_jobs_threads, add_out, bench_parser, data_dir, load_recipe_dict, preset_of,  # noqa: E402
+                   print_result, train)
 
 RECIPE = ROOT / "recipes" / "pretrain" / "tiny_gsm8k_aoe.yaml"
 VARIANTS = ("dense", "moe", "aoe")
@@ -145,8 +145,8 @@ def throughput(models: dict, tok, base: dict, data: Path, docs: int | None, roun
     import torch
 
     from rlkit.data import load_raw_rows
+    from rlkit.methods.pretrain import pack, tokenize_documents
     from rlkit.recipe import DatasetSpec
-    from rlkit.trainers.pretrain import pack, tokenize_documents
 
     torch.set_num_threads(threads)
     seq, batch = base["trainer"]["seq_length"], base["trainer"]["per_device_train_batch_size"]
@@ -196,24 +196,20 @@ def active_mlp_params(models: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="1 seed x 150 steps")
-    mode.add_argument("--smoke", action="store_true", help="seconds: 3 steps on 200 documents, for tests")
-    p.add_argument("--seeds", type=int, nargs="+")
+    p = bench_parser(__doc__, quick="1 seed x 150 steps", smoke="seconds: 3 steps on 200 documents, for tests",
+                     seeds=True)
     p.add_argument("--steps", type=int)
     p.add_argument("--data", type=Path, default=None, help="GSM8K train jsonl (fields question, answer)")
-    p.add_argument("--jobs", type=int, default=2, help="training processes at a time")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (and for the timing)")
+    add_jobs_threads(p, threads_help="torch threads per process (and for the timing)")
     p.add_argument("--match", choices=("active", "total"), default="active",
                    help="AoE expert width: equal active parameters per token (default, the recipe's width) or "
                         "the paper's equal total parameters (each expert as large as a MoE expert)")
     p.add_argument("--aux-loss-coef", type=float, default=None,
                    help="load-balancing loss coefficient for both MoE and AoE (default: the recipe's, 0). The "
                         "paper's alpha = 0.01 is 0.02 here at top-2 (rlkit's L_aux is 1 when balanced)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/bench_aoe_<preset>[_total][_auxC])")
+    add_out(p, "output folder (default: runs/bench_aoe_<preset>[_total][_auxC])")
     a = p.parse_args(argv)
-    preset = "smoke" if a.smoke else "quick" if a.quick else "full"
+    preset = preset_of(a)
     seeds, steps, eval_tokens, docs, rounds, per_round = PRESETS[preset]
     seeds, steps = a.seeds or seeds, a.steps or steps
     data = a.data or data_dir() / "gsm8k_train.jsonl"
@@ -264,8 +260,8 @@ def main(argv=None) -> int:
     print(f"wall time {time.time() - t0:.0f} s")
     order = ["throughput_ratio", "loss_aoe", "loss_moe", "loss_dense"]
     keys = order + [k for k in fields if k not in order]
-    print("RESULT " + " ".join(f"{k}={fields[k]:.4f}" for k in keys) + f" seeds={len(seeds)} steps={steps} match={a.match}"
-          + (f" aux_loss_coef={a.aux_loss_coef:g}" if a.aux_loss_coef is not None else ""))
+    aux_coef = {} if a.aux_loss_coef is None else {"aux_loss_coef": f"{a.aux_loss_coef:g}"}
+    print_result(**{k: float(fields[k]) for k in keys}, seeds=len(seeds), steps=steps, match=a.match, **aux_coef)
     return 0
 
 

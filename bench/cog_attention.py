@@ -26,7 +26,6 @@ cog_step_s=... loss_eager=... loss_sdpa=... loss_cog=... heldout_eager=... heldo
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -34,7 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import ROOT, add_jobs_threads, add_out, bench_parser, data_dir, preset_of, print_result  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,12 +43,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 VARIANTS = ("softmax_eager", "softmax_sdpa", "cog")
+PRESETS = {  # defaults of the flags left unset
+    "smoke": dict(rounds=1, steps=4, warmup=1, seq_len=64, rows=400),
+    "quick": dict(rounds=3, steps=40, warmup=3, seq_len=192),
+    "full": dict(rounds=3, steps=80, warmup=3, seq_len=256),
+}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smaller run, same comparison (< 3 min on 2 cores)")
-    p.add_argument("--smoke", action="store_true", help="a few steps, for tests")
+    p = bench_parser(__doc__, quick="smaller run, same comparison (< 3 min on 2 cores)",
+                     smoke="a few steps, for tests", exclusive=False)
     p.add_argument("--rounds", type=int, help="runs per variant (order rotates every round)")
     p.add_argument("--steps", type=int, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, help="steps dropped from the timing of each run")
@@ -56,17 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    add_jobs_threads(p, jobs=None, threads_help="torch threads (0: torch's default)")
     p.add_argument("--data", default=None, help="GSM8K train jsonl (default: $RLKIT_DATA_DIR or ../shared/data)")
     p.add_argument("--rows", type=int, default=None, help="use only the first N GSM8K rows (default: all)")
-    p.add_argument("--out", default=None, help="also write the figures as JSON here")
+    add_out(p, "also write the figures as JSON here")
     a = p.parse_args(argv)
-    if a.smoke:
-        defaults = dict(rounds=1, steps=4, warmup=1, seq_len=64, rows=400)
-    elif a.quick:
-        defaults = dict(rounds=3, steps=40, warmup=3, seq_len=192)
-    else:
-        defaults = dict(rounds=3, steps=80, warmup=3, seq_len=256)
+    defaults = PRESETS[preset_of(a)]
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -76,11 +76,7 @@ def parse_args(argv=None):
 
 
 def data_path(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    env = os.environ.get("RLKIT_DATA_DIR")
-    base = Path(env) if env else ROOT.parent / "shared" / "data"
-    return base / "gsm8k_train.jsonl"
+    return Path(arg) if arg else data_dir() / "gsm8k_train.jsonl"
 
 
 def load_streams(path: Path, tokenizer, rows: int | None = None,
@@ -248,7 +244,7 @@ def main(argv=None) -> None:
     }
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
-    print("RESULT " + " ".join(f"{k}={v}" for k, v in figures.items()))
+    print_result(**figures, digits=None)  # the figures are rounded above
 
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@
 Both sides train the same tiny char-level Llama (``rlkit.models.build_tiny_model`` + ``build_char_tokenizer``,
 seed 0) on the same synthetic arithmetic prompts (``rlkit.data``), with the same reward
 (``rlkit_rewards.get("math_accuracy")``) and the same ``GRPOConfig`` (built once from the recipe section by
-``rlkit.trainers.registry``, so every TRL field is identical):
+``rlkit.methods.get_method("grpo").make_config``, so every TRL field is identical):
 
 - rlkit: the path ``rlkit train`` takes -- recipe dict -> validated ``RunSpec`` -> ``rlkit.models.load_model``
-  -> ``METHOD.run`` (``run_grpo``: dataset, reward functions, ``RLKitGRPOTrainer``, ``train()``, final save).
+  -> ``get_method("grpo").run`` (dataset, reward functions, ``RLKitGRPOTrainer``, ``train()``, final save).
 - TRL: ``trl.GRPOTrainer(model, reward_funcs=[reward], args=config, train_dataset=..., processing_class=...)``.
 
 A ``TrainerCallback`` times every optimizer step (``on_step_begin`` -> ``on_step_end``, ``time.perf_counter``;
@@ -24,7 +24,6 @@ gain nothing from more, and on a shared machine oversubscribed OpenMP threads ma
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -32,6 +31,9 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import add_jobs_threads, bench_parser, preset_of, print_result  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -90,16 +92,13 @@ def run_rlkit(run) -> list[float]:
     """One run through rlkit's own method path (what ``rlkit train`` calls after loading the recipe)."""
     from transformers import set_seed
 
+    from rlkit.methods import RunContext, get_method
     from rlkit.models import load_model
-    from rlkit.pipeline import RunContext
-    from rlkit.trainers import get_method
-    from rlkit.trainers.grpo import RLKitGRPOTrainer
 
     set_seed(run.seed)
     model, tokenizer = load_model(run.model, seed=run.seed)
     timer = make_step_timer()
-    ctx = RunContext(model=model, tokenizer=tokenizer, callbacks=[timer], trainer_class=RLKitGRPOTrainer,
-                     final_dir=Path(run.output_dir) / "final")
+    ctx = RunContext(model=model, tokenizer=tokenizer, callbacks=[timer], final_dir=Path(run.output_dir) / "final")
     get_method("grpo").run(run, ctx)
     return timer.times
 
@@ -111,13 +110,13 @@ def run_trl(run) -> list[float]:
     from trl import GRPOTrainer
 
     from rlkit.data import build_dataset
+    from rlkit.methods import get_method
     from rlkit.models import build_char_tokenizer, build_tiny_model
-    from rlkit.trainers import get_method
 
     set_seed(run.seed)
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(run.model.tiny, tokenizer, seed=run.seed)
-    args = get_method("grpo").trainer_config(run)
+    args = get_method("grpo").make_config(run)
     train_ds = build_dataset(run.data.train, tokenizer, shuffle=False)
     timer = make_step_timer()
     trainer = GRPOTrainer(model=model, reward_funcs=[rlkit_rewards.get("math_accuracy")], args=args,
@@ -141,18 +140,17 @@ def _quiet(fn, *args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="smaller run, under 3 minutes on 2 cores")
-    mode.add_argument("--smoke", action="store_true", help="1 pair x 3 steps, for the test suite")
+    p = bench_parser(__doc__, quick="smaller run, under 3 minutes on 2 cores",
+                     smoke="1 pair x 3 steps, for the test suite")
     p.add_argument("--pairs", type=int, help="run pairs (rlkit + TRL) to interleave")
     p.add_argument("--steps", type=int, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, help="steps dropped at the start of each run")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the tiny model's ops gain nothing from more, and one thread "
-                        "keeps timings stable when other processes share the cores; 0: torch's default)")
+    add_jobs_threads(p, jobs=None,
+                     threads_help="torch CPU threads (default 1: the tiny model's ops gain nothing from more, and one "
+                                  "thread keeps timings stable when other processes share the cores; 0: torch's "
+                                  "default)")
     a = p.parse_args(argv)
-    preset = "smoke" if a.smoke else "quick" if a.quick else "full"
+    preset = preset_of(a)
     pairs, steps, warmup, batch, gens, completion = PRESETS[preset]
     pairs, steps, warmup = a.pairs or pairs, a.steps or steps, a.warmup if a.warmup is not None else warmup
     if steps <= warmup:
@@ -198,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio rlkit/trl (pooled medians): {ratio:.3f} (target <= 1.05: {'ok' if ratio <= 1.05 else 'ABOVE'})")
     print(f"ratio rlkit/trl (median of per-pair ratios): {pair_med:.3f}")
     print(f"bench wall time: {time.perf_counter() - t_start:.0f} s")
-    print(f"RESULT ratio={ratio:.3f} rlkit_step_s={r_med:.4f} trl_step_s={t_med:.4f} pair_ratio={pair_med:.3f} "
-          f"steps_per_side={len(times['rlkit'])}")
+    print_result(ratio=ratio, rlkit_step_s=r_med, trl_step_s=t_med, pair_ratio=pair_med,
+                 steps_per_side=len(times["rlkit"]), precision={"ratio": 3, "pair_ratio": 3})
     return 0
 
 

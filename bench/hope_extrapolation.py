@@ -27,7 +27,6 @@ rope_ppl_512=... hope_ppl_128=... hope_ppl_256=... hope_ppl_512=... rope_copy_ac
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -38,7 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import ROOT, data_dir, load_recipe_dict, train  # noqa: E402
+from _runs import (ROOT, add_jobs_threads, add_out, bench_parser, data_dir, load_recipe_dict, preset_of,  # noqa: E402
+                   print_result, train)
 
 RECIPE = ROOT / "recipes" / "pretrain" / "tiny_gsm8k_hope.yaml"
 LENGTHS = (128, 256, 512)
@@ -93,18 +93,14 @@ def gmean(xs) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="1 seed x 300 steps (within 3 min on 2 cores)")
-    mode.add_argument("--smoke", action="store_true", help="seconds: 4 steps on 300 documents, for tests")
-    p.add_argument("--seeds", type=int, nargs="+")
+    p = bench_parser(__doc__, quick="1 seed x 300 steps (within 3 min on 2 cores)",
+                     smoke="seconds: 4 steps on 300 documents, for tests", seeds=True)
     p.add_argument("--steps", type=int)
     p.add_argument("--data", type=Path, default=None, help="GSM8K train jsonl (fields question, answer)")
-    p.add_argument("--jobs", type=int, default=2, help="training processes at a time")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--out", default=None, help="output folder (default: runs/bench_hope_<preset>)")
+    add_jobs_threads(p)
+    add_out(p, "output folder (default: runs/bench_hope_<preset>)")
     a = p.parse_args(argv)
-    preset = "smoke" if a.smoke else "quick" if a.quick else "full"
+    preset = preset_of(a)
     seeds, steps, eval_tokens, docs = PRESETS[preset]
     seeds, steps = a.seeds or seeds, a.steps or steps
     data = a.data or data_dir() / "gsm8k_train.jsonl"
@@ -149,7 +145,7 @@ def main(argv=None) -> int:
     print(f"eval tokens per length {res[(seeds[0], 'rope')]['eval_tokens']}; wall time {wall:.0f} s")
     order = ["ppl_ratio_512", "ppl_ratio_256", "ppl_ratio_128"]
     keys = order + [k for k in fields if k not in order]
-    print("RESULT " + " ".join(f"{k}={fields[k]:.4f}" for k in keys) + f" seeds={len(seeds)} steps={steps}")
+    print_result(**{k: float(fields[k]) for k in keys}, seeds=len(seeds), steps=steps)
     return 0
 
 

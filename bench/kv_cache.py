@@ -51,7 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import ROOT, data_dir  # noqa: E402
+from _runs import ROOT, add_jobs_threads, add_out, bench_parser, data_dir, preset_of, print_result  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 KINDS = ("polarquant", "think", "both")
@@ -306,23 +306,19 @@ def gsm8k(kinds, n: int, max_new_tokens: int, out: Path, jobs: int, threads: int
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="24 GSM8K problems, 1k context only")
-    mode.add_argument("--smoke", action="store_true", help="seconds-scale, for tests")
+    p = bench_parser(__doc__, quick="24 GSM8K problems, 1k context only", smoke="seconds-scale, for tests")
     p.add_argument("--gsm8k", type=int, default=None, help="GSM8K test problems (greedy)")
     p.add_argument("--gsm8k-kinds", nargs="+", default=["polarquant", "think"], choices=list(KINDS),
                    help="compressed caches evaluated on GSM8K (the default cache always is)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--teacher-forced", type=int, default=None,
                    help="GSM8K reference solutions scored token by token through each cache (default 64)")
-    p.add_argument("--jobs", type=int, default=2, help="GSM8K evaluations at a time (one process each)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    add_jobs_threads(p, jobs_help="GSM8K evaluations at a time (one process each)")
     p.add_argument("--speed-repeats", type=int, default=None, help="alternating rounds for the decode timing")
-    p.add_argument("--out", default=None, help="output folder (default: runs/bench_kv_<preset>)")
+    add_out(p, "output folder (default: runs/bench_kv_<preset>)")
     p.add_argument("--gsm8k-worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    preset = "smoke" if a.smoke else "quick" if a.quick else "full"
+    preset = preset_of(a)
     n_gsm, contexts, steps, rounds, haystack, depths, n_names = PRESETS[preset]
     n_tf = {"smoke": 4, "quick": 16, "full": 64}[preset] if a.teacher_forced is None else a.teacher_forced
     n_gsm = a.gsm8k if a.gsm8k is not None else n_gsm
@@ -398,7 +394,7 @@ def main(argv=None) -> int:
     print(f"wall time {time.time() - t0:.0f} s")
     order = ["polar_bytes_ratio", "think_bytes_ratio", "gsm8k_delta_polar", "gsm8k_delta_think"]
     keys = [k for k in order if k in fields] + [k for k in fields if k not in order]
-    print("RESULT " + " ".join(f"{k}={fields[k]:.4f}" for k in keys) + f" gsm8k_n={n_gsm}")
+    print_result(**{k: float(fields[k]) for k in keys}, gsm8k_n=n_gsm)
     return 0
 
 

@@ -24,7 +24,6 @@ Ends with ``RESULT acc_sft=... acc_p0=... acc_p02=... acc_p04=... acc_rpr=...`` 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import shutil
@@ -36,7 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import ROOT, done, heldout_curve, load_recipe_dict, only_stages, summary, train  # noqa: E402
+from _runs import (ROOT, add_jobs_threads, add_out, bench_parser, done, heldout_curve, load_recipe_dict,  # noqa: E402
+                   only_stages, preset_of, print_result, summary, train)
 
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
 
@@ -107,18 +107,14 @@ def run(seeds, sft_steps, grpo_steps, limit, batch, out: Path, jobs: int, thread
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="1 seed, 300 SFT + 60 GRPO steps")
-    mode.add_argument("--smoke", action="store_true", help="seconds: 2 + 2 steps, for the test suite")
-    p.add_argument("--seeds", type=int, nargs="+")
+    p = bench_parser(__doc__, quick="1 seed, 300 SFT + 60 GRPO steps", smoke="seconds: 2 + 2 steps, for the test suite",
+                     seeds=True)
     p.add_argument("--conditions", nargs="+", choices=list(CONDITIONS), default=list(CONDITIONS))
-    p.add_argument("--jobs", type=int, default=1, help="training processes at a time")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--out", default=None, help="output folder (default: a folder under runs/)")
+    add_jobs_threads(p, jobs=1)
+    add_out(p, "output folder (default: a folder under runs/)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)
-    preset = "smoke" if a.smoke else "quick" if a.quick else "full"
+    preset = preset_of(a)
     seeds, sft_steps, grpo_steps, limit, batch = PRESETS[preset]
     seeds = a.seeds or seeds
     out = Path(a.out or ROOT / "runs" / f"bench_noisy_{preset}")
@@ -144,7 +140,7 @@ def main(argv=None) -> int:
         Path(a.json).write_text(json.dumps({
             "sft": res["sft"], "means": means,
             "runs": {f"{c}/seed{s}": v for (s, c), v in res["grpo"].items()}}, indent=1) + "\n")
-    print("RESULT " + " ".join(f"acc_{k.replace('.', '')}={v:.4f}" for k, v in means.items()))
+    print_result(**{f"acc_{k.replace('.', '')}": float(v) for k, v in means.items()})
     return 0
 
 

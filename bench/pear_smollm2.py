@@ -1,7 +1,7 @@
 """PEAR on SmolLM2-135M-Instruct on CPU: copy accuracy on held-out proxy sequences and key-value retrieval from
 real text (GSM8K questions), before and after PEAR, with the chosen heads.
 
-One ``rlkit.patches.pear.run_pear`` call (the path ``rlkit pear`` takes): measure before, score all 270 heads
+One ``rlkit.methods.pear.run_pear`` call (the path ``rlkit pear`` takes): measure before, score all 270 heads
 by path patching, choose K, train one coefficient per head with the model frozen, fold them into ``o_proj``,
 measure after. The baseline is the same model measured in the same run before the fold.
 
@@ -15,14 +15,14 @@ tens of steps, so the bench uses lr 0.05 with batch 8 (quick: 6) and n=25. See b
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import ROOT, add_out, bench_parser, data_dir, print_result  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 
 PRESETS = {
@@ -36,15 +36,12 @@ PRESETS = {
 
 
 def default_kv_data() -> Path:
-    base = os.environ.get("RLKIT_DATA_DIR")
-    return (Path(base) if base else ROOT.parent / "shared" / "data") / "gsm8k_train.jsonl"
+    return data_dir() / "gsm8k_train.jsonl"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="done within 3 minutes on 2 CPU cores")
-    mode.add_argument("--smoke", action="store_true", help="tiny model, a few seconds (used by the tests)")
+    p = bench_parser(__doc__, quick="done within 3 minutes on 2 CPU cores",
+                     smoke="tiny model, a few seconds (used by the tests)")
     p.add_argument("--model", default=None, help="model to re-weight (default: smollm2-135m-instruct; smoke: tiny)")
     p.add_argument("--heads", type=int, default=None, help="K (default: the paper's 40/1024 of all heads)")
     p.add_argument("--steps", type=int, default=None)
@@ -57,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--kv-pairs", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the full JSON report here")
+    add_out(p, "write the full JSON report here")
     p.add_argument("--save", default=None, help="also save the re-weighted model to this folder")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     return p.parse_args(argv)
@@ -79,7 +76,7 @@ def main(argv=None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     from rlkit.models import load_model
-    from rlkit.patches.pear import PearConfig, PearError, kv_retrieval_examples, load_texts, run_pear
+    from rlkit.methods.pear import PearConfig, PearError, kv_retrieval_examples, load_texts, run_pear
     from rlkit.recipe import ModelSpec
 
     t0 = time.perf_counter()
@@ -130,11 +127,11 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     head_list = ",".join(f"L{h['layer']}H{h['head']}" for h in heads)
-    print(f"RESULT copy_before={copy_b:.4f} copy_after={copy_a:.4f} kv_before={kb['exact']:.4f} "
-          f"kv_after={ka['exact']:.4f} kv_first_before={kb['first_token_acc']:.4f} "
-          f"kv_first_after={ka['first_token_acc']:.4f} kv_tok_before={kb['token_acc']:.4f} "
-          f"kv_tok_after={ka['token_acc']:.4f} copy_ratio={ratio(copy_b, copy_a)} heads={head_list} "
-          f"scoring_s={report['seconds']['scoring']:.1f} train_s={report['seconds']['training']:.1f} wall_s={wall:.0f}")
+    print_result(copy_before=copy_b, copy_after=copy_a, kv_before=kb["exact"], kv_after=ka["exact"],
+                 kv_first_before=kb["first_token_acc"], kv_first_after=ka["first_token_acc"],
+                 kv_tok_before=kb["token_acc"], kv_tok_after=ka["token_acc"], copy_ratio=ratio(copy_b, copy_a),
+                 heads=head_list, scoring_s=report["seconds"]["scoring"], train_s=report["seconds"]["training"],
+                 wall_s=wall, precision={"scoring_s": 1, "train_s": 1, "wall_s": 0})
     return 0
 
 

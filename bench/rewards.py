@@ -50,7 +50,6 @@ scored, and no marker file was created.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -70,7 +69,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import add_out, bench_parser, data_dir, preset_of, print_result  # noqa: E402
 
 PRESETS = {
     #        completions  batch
@@ -85,11 +85,6 @@ KIND_SHARES = (("right", 0.45), ("wrong", 0.35), ("unparseable", 0.20))  # of th
 # --------------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------------
-def default_data_dir() -> Path:
-    env = os.environ.get("RLKIT_DATA_DIR")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
-
-
 def _strip_boxes(text: str) -> str:
     """``\\boxed{X}`` -> ``X`` (balanced braces), so the reasoning carries no final answer of its own."""
     out, i = [], 0
@@ -489,10 +484,8 @@ def _short(s, n: int = 70) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="384 completions, under 3 minutes on 2 cores")
-    mode.add_argument("--smoke", action="store_true", help="64 completions, seconds, for the test suite")
+    p = bench_parser(__doc__, quick="384 completions, under 3 minutes on 2 cores",
+                     smoke="64 completions, seconds, for the test suite")
     p.add_argument("--n", type=int, help="completions (default: 2000 full, 384 quick, 64 smoke)")
     p.add_argument("--batch-size", type=int, help="completions per scoring call (default 64; smoke 32)")
     p.add_argument("--seed", type=int, default=0)
@@ -507,16 +500,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trl-cap-adv", type=float, default=15.0,
                    help="default 15: TRL's own timeouts allow one item 10 s of parsing and 5 s of verify")
     p.add_argument("--data-dir", type=Path, default=None, help="folder with gsm8k_test.jsonl and math500_test.jsonl")
-    p.add_argument("--out", type=Path, help="write every item, disagreement and figure to this JSON file")
+    add_out(p, "write every item, disagreement and figure to this JSON file", type=Path)
     p.add_argument("--verbose", action="store_true", help="keep the workers' stderr (math-verify warnings quote "
                                                           "the 1 MB inputs); by default it goes to a temp file")
     a = p.parse_args(argv)
-    preset = "smoke" if a.smoke else "quick" if a.quick else "full"
+    preset = preset_of(a)
     n, batch = PRESETS[preset]
     n, batch = a.n or n, a.batch_size or batch
-    data_dir = a.data_dir or default_data_dir()
-    if not (data_dir / "gsm8k_test.jsonl").is_file() or not (data_dir / "math500_test.jsonl").is_file():
-        p.error(f"gsm8k_test.jsonl / math500_test.jsonl not found in {data_dir} (--data-dir or RLKIT_DATA_DIR)")
+    data = a.data_dir or data_dir()
+    if not (data / "gsm8k_test.jsonl").is_file() or not (data / "math500_test.jsonl").is_file():
+        p.error(f"gsm8k_test.jsonl / math500_test.jsonl not found in {data} (--data-dir or RLKIT_DATA_DIR)")
 
     stderr_log = None
     saved_err = None
@@ -526,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         saved_err = os.dup(2)
         os.dup2(stderr_log.fileno(), 2)
     try:
-        return _run(a, preset, n, batch, data_dir, stderr_log)
+        return _run(a, preset, n, batch, data, stderr_log)
     finally:
         if saved_err is not None:
             sys.stderr.flush()
@@ -730,11 +723,11 @@ def _run(a, preset: str, n: int, batch: int, data_dir: Path, stderr_log) -> int:
         }
         a.out.write_text(json.dumps(payload, indent=1, default=str))
         print(f"wrote {a.out}")
-    print(f"RESULT speedup={speedup:.2f} agreement={agreement:.4f} worst_batch_s={worst_rl:.2f} "
-          f"speedup_cold={speedup_cold:.2f} speedup_finished={speedup_fin:.2f} speedup_clean={speedup_clean:.2f} "
-          f"trl_worst_batch_s={worst_trl:.2f} rlkit_s={rl_total:.2f} "
-          f"trl_s={trl_total:.2f} pool_start_s={pool_start_s:.2f} disagreements={len(disagreements)} "
-          f"trl_hung_batches={sum(trl_hung)} workers_killed={killed} n={len(items)}")
+    print_result(speedup=speedup, agreement=agreement, worst_batch_s=worst_rl, speedup_cold=speedup_cold,
+                 speedup_finished=speedup_fin, speedup_clean=speedup_clean, trl_worst_batch_s=worst_trl,
+                 rlkit_s=rl_total, trl_s=trl_total, pool_start_s=pool_start_s, disagreements=len(disagreements),
+                 trl_hung_batches=sum(trl_hung), workers_killed=killed, n=len(items), digits=2,
+                 precision={"agreement": 4})
     return 0
 
 

@@ -27,7 +27,6 @@ Ends with ``RESULT steps_ratio=... acc_stephint=... acc_grpo=... acc_replay=...`
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -40,7 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import ROOT, done, heldout_curve, load_recipe_dict, only_stages, summary, train  # noqa: E402
+from _runs import (ROOT, add_jobs_threads, add_out, bench_parser, done, heldout_curve, load_recipe_dict,  # noqa: E402
+                   only_stages, preset_of, print_result, summary, train)
 
 RECIPE = ROOT / "recipes" / "stephint" / "quickstart.yaml"
 METHODS = ("grpo", "stephint", "replay")
@@ -142,18 +142,14 @@ def plot(curves: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="1 seed, 300 SFT + 40 RL steps")
-    mode.add_argument("--smoke", action="store_true", help="seconds: 2 + 2 steps, for the test suite")
-    p.add_argument("--seeds", type=int, nargs="+")
+    p = bench_parser(__doc__, quick="1 seed, 300 SFT + 40 RL steps", smoke="seconds: 2 + 2 steps, for the test suite",
+                     seeds=True)
     p.add_argument("--rl-steps", type=int)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--jobs", type=int, default=2, help="training processes at a time")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--out", default=None, help="output folder (default: runs/bench_stephint_<preset>)")
+    add_jobs_threads(p)
+    add_out(p, "output folder (default: runs/bench_stephint_<preset>)")
     a = p.parse_args(argv)
-    preset = "smoke" if a.smoke else "quick" if a.quick else "full"
+    preset = preset_of(a)
     seeds, sft_steps, rl_steps, eval_every, limit, problems, train_rows = PRESETS[preset]
     seeds, rl_steps = a.seeds or seeds, a.rl_steps or rl_steps
     out = Path(a.out or ROOT / "runs" / f"bench_stephint_{preset}")
@@ -195,7 +191,7 @@ def main(argv=None) -> int:
     print(f"plot {png}\nwall time {wall:.0f} s")
     order = ["steps_ratio", "acc_stephint", "acc_grpo", "acc_replay"]
     keys = [k for k in order if k in fields] + [k for k in fields if k not in order]
-    print("RESULT " + " ".join(f"{k}={fields[k]:.4f}" if math.isfinite(fields[k]) else f"{k}=inf" for k in keys))
+    print_result(**{k: float(fields[k]) if math.isfinite(fields[k]) else "inf" for k in keys})
     return 0
 
 

@@ -14,22 +14,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 
+from .config import ConfigError, RecipeError, build, coerce, nearest
 from .kvcache import KVCacheConfig
 
+__all__ = ["RecipeError", "ConfigError", "Recipe", "RunSpec", "ModelSpec", "DatasetSpec", "DataSpec", "RewardSpec",
+           "RewardEngineSpec", "EvalSpec", "StageSpec", "TinyModelSpec", "LoraSpec", "build", "load_recipe",
+           "load_raw", "recipe_from_dict", "resolve_runs", "validate_recipe", "parse_overrides", "list_recipes",
+           "ITERATION"]
 
-class RecipeError(ValueError):
-    """A user-fixable problem in a recipe; the message says what to change."""
+ITERATION = "{iteration}"
+"""Placeholder for the iteration number (1, 2, ...) in the string values of a repeated block of stages."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,6 +76,9 @@ class ModelSpec:
     tiny: TinyModelSpec = field(default_factory=TinyModelSpec)
     patches: list[dict] = field(default_factory=list)
     """Model patches, ``[{"name": "hope", ...}]``; applied by ``rlkit.patches`` when present."""
+    source: str | None = field(default=None, metadata={"alias": "from"})
+    """``from: STAGE``: start from the model an earlier stage produced (default for a stage: the model of
+    the stage before it, unless the stage names a model itself)."""
 
 
 @dataclass
@@ -95,6 +100,16 @@ class DatasetSpec:
     seed: int = 0
     synthetic: dict = field(default_factory=dict)
     """Options of the synthetic task (see ``rlkit.data.synthetic.SyntheticConfig``)."""
+    source: str | None = field(default=None, metadata={"alias": "from"})
+    """``from: STAGE``: a dataset an earlier stage wrote (with ``dataset``); replaces ``name``."""
+    dataset: str | None = None
+    """Which of that stage's datasets (e.g. ``samples`` of a ``sample`` stage)."""
+    where: dict = field(default_factory=dict)
+    """Keep only rows whose fields equal these values (a list value: any of them), e.g. ``{status: ok}``."""
+
+    def __post_init__(self):
+        if self.dataset is not None and self.source is None:
+            raise ValueError("`dataset` names a dataset of an earlier stage; set `from: STAGE` with it")
 
 
 @dataclass
@@ -158,17 +173,25 @@ class EvalSpec:
 
 @dataclass
 class StageSpec:
-    """One stage of a multi-stage recipe; its sections override the top-level ones."""
+    """One stage of a multi-stage recipe; its sections override the top-level ones. A stage with ``repeat: N``
+    is a block: its own ``stages`` run N times in order (iteration 1..N), each a normal stage."""
 
     name: str = ""
     method: str = ""
+    seed: int | None = None
+    """This stage's seed (default: the recipe's, plus iteration - 1 inside a repeated block)."""
     model: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     rewards: list[dict] | None = None
     trainer: dict = field(default_factory=dict)
+    args: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
     reward_engine: dict = field(default_factory=dict)
     kv_cache: dict = field(default_factory=dict)
+    repeat: int = 0
+    """Run the block's ``stages`` this many times (0: this is a plain stage)."""
+    stages: list[dict] = field(default_factory=list)
+    """The stages of a repeated block."""
 
 
 @dataclass
@@ -177,12 +200,18 @@ class Recipe:
 
     method: str | None = None
     description: str = ""
+    base: str | None = None
+    """A recipe this one extends (path relative to this file): its sections, deep-merged under this one's;
+    stages with the same name merge, new ones are added after."""
     seed: int = 42
     output_dir: str = "runs/rlkit"
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     rewards: list[RewardSpec] = field(default_factory=list)
     trainer: dict = field(default_factory=dict)
+    """The settings of a method that trains: its TRL config fields."""
+    args: dict = field(default_factory=dict)
+    """The settings of a method that does not train (``sample``, ``pear``...): its config dataclass's fields."""
     eval: EvalSpec = field(default_factory=EvalSpec)
     stages: list[StageSpec] = field(default_factory=list)
     reward_engine: RewardEngineSpec = field(default_factory=RewardEngineSpec)
@@ -191,97 +220,6 @@ class Recipe:
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     """Key-cache compression (``none`` | ``polarquant`` | ``think`` | ``both`` and their settings) for every HF
     ``generate`` of the run: held-out evaluation and HF-generate rollouts (not vLLM)."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Generic typed construction with helpful errors
-
-
-def _nearest(key: str, choices: list[str]) -> str:
-    near = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
-    return f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(choices))}"
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check/convert ``value`` against annotation ``tp``; raise RecipeError naming ``where``."""
-    if tp is Any:
-        return value
-    origin = get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except RecipeError as e:
-                errors.append(str(e))
-        raise RecipeError(errors[-1] if len(errors) == 1 else f"{where}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in get_args(tp):
-            raise RecipeError(f"{where}: {value!r} is not one of {', '.join(map(repr, get_args(tp)))}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{where}: expected a list, got {value!r}")
-        (inner,) = get_args(tp)[:1] or (Any,)
-        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, where)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)  # PyYAML reads ``1e-5`` (no dot) as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def build(cls: type, data: Any, where: str = "recipe") -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise RecipeError(f"{where}: unknown key {key!r}{_nearest(str(key), names)}")
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
-    try:
-        return cls(**kwargs)
-    except RecipeError:
-        raise
-    except ValueError as e:  # a section's own validation (e.g. KVCacheConfig)
-        raise RecipeError(f"{where}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,24 +239,53 @@ def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
     return out
 
 
+def _stage_dicts(raw: dict) -> list[dict]:
+    """Every stage mapping of a raw recipe, the stages inside repeated blocks included."""
+    out = []
+    for st in raw.get("stages") or []:
+        if isinstance(st, dict):
+            out.append(st)
+            out.extend(s for s in st.get("stages") or [] if isinstance(s, dict))
+    return out
+
+
 def _apply_override(raw: dict, parts: list[str], value: Any) -> None:
     if parts[0] == "stages" and len(parts) >= 3:
-        stages = raw.get("stages") or []
-        names = [s.get("name") for s in stages if isinstance(s, dict)]
+        stages = _stage_dicts(raw)
+        names = [s.get("name") for s in stages]
         if parts[1] not in names:
-            raise RecipeError(f"override stages.{parts[1]}: no stage named {parts[1]!r}{_nearest(parts[1], names)}")
+            raise RecipeError(f"override stages.{parts[1]}: no stage named {parts[1]!r}{nearest(parts[1], names)}")
         target = stages[names.index(parts[1])]
         parts = parts[2:]
     else:
         target = raw
     for p in parts[:-1]:
+        if isinstance(target, list):  # rewards.0.options.p: an index into a list section
+            target = _list_item(target, p, parts)
+            continue
         nxt = target.get(p)
         if nxt is None:
             nxt = target[p] = {}
-        if not isinstance(nxt, dict):
+        if not isinstance(nxt, (dict, list)):
             raise RecipeError(f"override {'.'.join(parts)}: {p!r} is not a section")
         target = nxt
-    target[parts[-1]] = value
+    if isinstance(target, list):
+        target[_index(target, parts[-1], parts)] = value
+    else:
+        target[parts[-1]] = value
+
+
+def _index(items: list, part: str, parts: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise RecipeError(f"override {'.'.join(parts)}: {part!r} is not an index of a list of {len(items)} items")
+    return int(part)
+
+
+def _list_item(items: list, part: str, parts: list[str]) -> Any:
+    item = items[_index(items, part, parts)]
+    if not isinstance(item, dict):
+        raise RecipeError(f"override {'.'.join(parts)}: item {part} is not a section")
+    return item
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -331,17 +298,72 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_raw(path: str | os.PathLike) -> dict:
-    p = Path(path)
+def _merge_stage_lists(base: list, over: list) -> list:
+    """Stages of ``over`` merged into ``base`` by name: a stage (or a repeated block) with a name found in
+    ``base``, also inside its blocks, is deep-merged there; one with a new name is appended."""
+    merged = [copy.deepcopy(s) for s in base or []]
+
+    def find(stages: list, name: str) -> tuple[list, int] | None:
+        for k, st in enumerate(stages):
+            if isinstance(st, dict) and st.get("name") == name:
+                return stages, k
+        for st in stages:
+            if isinstance(st, dict) and isinstance(st.get("stages"), list):
+                hit = find(st["stages"], name)
+                if hit is not None:
+                    return hit
+        return None
+
+    for st in over or []:
+        hit = find(merged, st.get("name")) if isinstance(st, dict) and st.get("name") is not None else None
+        if hit is None:
+            merged.append(copy.deepcopy(st))
+            continue
+        stages, k = hit
+        target = stages[k]
+        inner = _merge_stage_lists(target.get("stages") or [], st["stages"]) if "stages" in st else None
+        target = deep_merge({kk: v for kk, v in target.items()}, {kk: v for kk, v in st.items() if kk != "stages"})
+        if inner is not None:
+            target["stages"] = inner
+        stages[k] = target
+    return merged
+
+
+def _merge_recipes(base: dict, over: dict) -> dict:
+    """``over`` deep-merged onto ``base``; ``stages`` merge by name (same name: deep merge, new: appended)."""
+    out = deep_merge(base, {k: v for k, v in over.items() if k != "stages"})
+    if over.get("stages") is not None:
+        out["stages"] = _merge_stage_lists(base.get("stages") or [], over["stages"])
+    return out
+
+
+def _read_yaml(p: Path) -> dict:
     if not p.is_file():
         raise RecipeError(f"recipe file {str(p)!r} not found (list the shipped ones with `rlkit recipes`)")
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise RecipeError(f"{p}: not valid YAML: {e}") from None
+        raise RecipeError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{p}: a recipe must be a mapping of sections (method, model, data, trainer, ...)")
     return raw
+
+
+def load_raw(path: str | os.PathLike, _seen: tuple = ()) -> dict:
+    """The recipe file as a mapping, with its ``base`` recipes merged in (see ``Recipe.base``)."""
+    p = Path(path).resolve() if Path(path).is_file() else Path(path)
+    if p in _seen:
+        raise RecipeError(f"{path}: `base` recipes form a cycle ({' -> '.join(str(x) for x in (*_seen, p))})")
+    raw = _read_yaml(p)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise RecipeError(f"{path}: base: expected a recipe path, got {base!r}")
+    base_path = (p.parent / base) if not Path(base).is_absolute() else Path(base)
+    if not base_path.is_file():
+        raise RecipeError(f"{path}: base recipe {base!r} not found (looked for {base_path})")
+    return _merge_recipes(load_raw(base_path, (*_seen, p)), raw)
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, validate: bool = True) -> Recipe:
@@ -353,6 +375,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, val
 
 
 def recipe_from_dict(raw: dict, validate: bool = True) -> Recipe:
+    if "base" in raw and raw["base"] is not None:
+        raise RecipeError("recipe.base: only a recipe file can extend another (load it with load_recipe)")
     recipe = build(Recipe, raw)
     if validate:
         validate_recipe(recipe)
@@ -375,15 +399,65 @@ class RunSpec:
     plot: bool = True
     reward_engine: RewardEngineSpec = field(default_factory=RewardEngineSpec)
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
+    args: dict = field(default_factory=dict)
+    stage: str = ""
+    """The stage's name in the recipe (``name`` adds ``-<iteration>`` inside a repeated block)."""
+    iteration: int | None = None
+    """1..N inside a repeated block, else None."""
+    model_named: bool = False
+    """The stage names its model (``model.name``) instead of taking the previous stage's."""
+    own_sections: tuple[str, ...] = ()
+    """Which of ``trainer`` / ``args`` the stage (or a single-run recipe) sets itself; the top level's apply
+    to the stages whose method takes them."""
+
+
+def _fill(value: Any, iteration: int) -> Any:
+    """``{iteration}`` replaced in every string of ``value``."""
+    if isinstance(value, str):
+        return value.replace(ITERATION, str(iteration))
+    if isinstance(value, dict):
+        return {k: _fill(v, iteration) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, iteration) for v in value]
+    return value
+
+
+def _expanded_stages(recipe: Recipe) -> list[tuple[StageSpec, int | None, str]]:
+    """``(stage, iteration, where)`` in run order, repeated blocks unrolled."""
+    out = []
+    for i, st in enumerate(recipe.stages):
+        where = f"stages[{i}]"
+        if not st.repeat:
+            if st.stages:
+                raise RecipeError(f"{where}: `stages` inside a stage needs `repeat: N` (a repeated block)")
+            out.append((st, None, where))
+            continue
+        if st.repeat < 1:
+            raise RecipeError(f"{where}.repeat: must be a positive number of iterations, got {st.repeat}")
+        if st.method:
+            raise RecipeError(f"{where}: a repeated block has `stages`, not a `method` of its own")
+        if not st.stages:
+            raise RecipeError(f"{where}: a repeated block needs `stages: [...]`")
+        inner = [build(StageSpec, s, f"{where}.stages[{j}]") for j, s in enumerate(st.stages)]
+        for j, s in enumerate(inner):
+            if s.repeat or s.stages:
+                raise RecipeError(f"{where}.stages[{j}]: repeated blocks cannot be nested")
+        for it in range(1, st.repeat + 1):
+            for j, s in enumerate(st.stages):
+                filled = build(StageSpec, _fill(s, it), f"{where}.stages[{j}]")
+                out.append((filled, it, f"{where}.stages[{j}]"))
+    return out
 
 
 def resolve_runs(recipe: Recipe) -> list[RunSpec]:
-    """Expand a recipe into its runs: one per stage (stage sections merged over the top level)."""
+    """Expand a recipe into its runs: one per stage (stage sections merged over the top level), repeated
+    blocks unrolled (stage ``sample`` of iteration 2 runs as ``sample-2`` in ``<output_dir>/sample-2``)."""
     if not recipe.stages:
         return [
             RunSpec("main", recipe.method or "", recipe.seed, recipe.output_dir, recipe.model, recipe.data,
                     recipe.rewards, dict(recipe.trainer), recipe.eval, recipe.plot, recipe.reward_engine,
-                    recipe.kv_cache)
+                    recipe.kv_cache, dict(recipe.args), stage="main", model_named=True,
+                    own_sections=tuple(k for k in ("trainer", "args") if getattr(recipe, k)))
         ]
     runs = []
     base_model = dataclasses.asdict(recipe.model)
@@ -391,10 +465,10 @@ def resolve_runs(recipe: Recipe) -> list[RunSpec]:
     base_eval = dataclasses.asdict(recipe.eval)
     base_engine = dataclasses.asdict(recipe.reward_engine)
     base_kv = dataclasses.asdict(recipe.kv_cache)
-    for i, st in enumerate(recipe.stages):
-        where = f"stages[{i}]({st.name})"
+    for st, it, where in _expanded_stages(recipe):
+        where = f"{where}({st.name})"
         model = build(ModelSpec, deep_merge(base_model, st.model), f"{where}.model")
-        data = build(DataSpec, deep_merge(base_data, st.data), f"{where}.data")
+        data = build(DataSpec, _merge_data(base_data, st.data), f"{where}.data")
         ev = build(EvalSpec, deep_merge(base_eval, st.eval), f"{where}.eval")
         rewards = (
             [build(RewardSpec, r, f"{where}.rewards[{j}]") for j, r in enumerate(st.rewards)]
@@ -404,34 +478,105 @@ def resolve_runs(recipe: Recipe) -> list[RunSpec]:
         engine = build(RewardEngineSpec, deep_merge(base_engine, st.reward_engine), f"{where}.reward_engine")
         kv = build(KVCacheConfig, deep_merge(base_kv, st.kv_cache), f"{where}.kv_cache")
         trainer = deep_merge(recipe.trainer, st.trainer)
-        out = str(Path(recipe.output_dir) / st.name)
-        runs.append(RunSpec(st.name, st.method, recipe.seed, out, model, data, rewards, trainer, ev, recipe.plot,
-                            engine, kv))
+        args = deep_merge(recipe.args, st.args)
+        name = st.name if it is None else f"{st.name}-{it}"
+        seed = st.seed if st.seed is not None else recipe.seed + ((it or 1) - 1)
+        out = str(Path(recipe.output_dir) / name)
+        runs.append(RunSpec(name, st.method, seed, out, model, data, rewards, trainer, ev, recipe.plot,
+                            engine, kv, args, stage=st.name, iteration=it,
+                            model_named="name" in st.model or "from" in st.model,
+                            own_sections=tuple(k for k in ("trainer", "args") if getattr(st, k))))
     return runs
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def _merge_data(base: dict, over: dict) -> dict:
+    """A stage's data sections over the top level's; a section that takes a dataset ``from`` a stage starts
+    from that reference (the top level's benchmark name and columns do not leak into it)."""
+    out = copy.deepcopy(base)
+    for key, section in (over or {}).items():
+        if isinstance(section, dict) and "from" in section:
+            out[key] = copy.deepcopy(section)
+        elif isinstance(section, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], section)
+        else:
+            out[key] = copy.deepcopy(section)
+    return out
+
+
+def _check_references(runs: list[RunSpec], methods: dict) -> None:
+    """``from:`` references point at an earlier stage that writes what is asked for."""
+    for k, run in enumerate(runs):
+        earlier = runs[:k]
+        where = f"stages.{run.stage}"
+        refs = [("model", run.model.source, None)]
+        for part in ("train", "eval"):
+            spec = getattr(run.data, part)
+            if spec is not None and spec.source is not None:
+                refs.append((f"data.{part}", spec.source, spec.dataset or ""))
+        for section, source, dataset in refs:
+            if source is None:
+                continue
+            found = resolve_reference(earlier, source, run.iteration)
+            if found is None:
+                names = list(dict.fromkeys(r.stage for r in earlier))
+                raise RecipeError(f"{where}.{section}.from: {source!r} is not an earlier stage"
+                                  f"{nearest(source, names) if names else ' (this is the first stage)'}")
+            method = methods[found.name]
+            if dataset is None:
+                continue
+            if not method.outputs:
+                raise RecipeError(f"{where}.{section}: stage {source!r} (method {method.name}) writes no dataset")
+            if dataset == "" and len(method.outputs) == 1:
+                continue
+            if dataset not in method.outputs:
+                raise RecipeError(f"{where}.{section}.dataset: stage {source!r} writes "
+                                  f"{', '.join(method.outputs)}, not {dataset or '(none given)'!r}")
+
+
+def resolve_reference(earlier: list[RunSpec], stage: str, iteration: int | None) -> RunSpec | None:
+    """The run a ``from: stage`` reference names: the same iteration's stage inside a repeated block, else
+    the latest earlier run of that stage."""
+    same = [r for r in earlier if r.stage == stage and iteration is not None and r.iteration == iteration]
+    if same:
+        return same[-1]
+    matches = [r for r in earlier if r.stage == stage or r.name == stage]
+    return matches[-1] if matches else None
 
 
 def validate_recipe(recipe: Recipe) -> None:
-    """Check the whole recipe, including each trainer section against its method's TRL config."""
-    from .trainers import registry  # local import: the trainer registry pulls in TRL
+    """Check the whole recipe: every stage's method config, rewards and references, before any model loads."""
+    from .methods import get_method, method_names
 
     if recipe.stages and recipe.method:
         raise RecipeError("recipe: set either `method` (one run) or `stages` (a pipeline), not both")
     if not recipe.stages and not recipe.method:
-        raise RecipeError(f"recipe: no `method` given; choose one of {', '.join(registry.method_names())}")
-    names = [s.name for s in recipe.stages]
+        raise RecipeError(f"recipe: no `method` given; choose one of {', '.join(method_names())}")
     for i, st in enumerate(recipe.stages):
+        if st.repeat or st.stages:
+            continue
         if not st.name or not st.method:
             raise RecipeError(f"stages[{i}]: every stage needs a `name` and a `method`")
+    runs = resolve_runs(recipe)
+    for run in runs:
+        if not run.stage or not run.method:
+            raise RecipeError(f"stages: every stage needs a `name` and a `method` (stage {run.stage!r})")
+    names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise RecipeError(f"stages: stage names must be unique, got {names}")
-    for run in resolve_runs(recipe):
-        where = "trainer" if run.name == "main" else f"stages.{run.name}.trainer"
-        method = registry.get_method(run.method, where=where.rsplit(".", 1)[0] + ".method" if recipe.stages else "method")
-        method.validate(run, where)
+    from .patches import check_patches
+
+    methods = {}
+    for run in runs:
+        prefix = "" if run.name == "main" else f"stages.{run.stage}."
+        if not recipe.stages and (run.model.source or any(
+                spec is not None and spec.source for spec in (run.data.train, run.data.eval))):
+            raise RecipeError("recipe: `from:` refers to an earlier stage; a recipe without `stages` has none")
+        check_patches(run.model.patches, f"{prefix}model.patches")
+        method = get_method(run.method, where=f"{prefix}method")
+        methods[run.name] = method
+        method.validate(run, f"{prefix}{method.section}")
+    if recipe.stages:
+        _check_references(runs, methods)
 
 
 def list_recipes(root: str | os.PathLike) -> list[tuple[str, str]]:

@@ -3,11 +3,15 @@
 Everything here runs on CPU with no network: tiny Llama models are built from a config with the
 character-level tokenizer, and the real benchmark files come from ``$RLKIT_DATA_DIR`` or
 ``../shared/data`` beside the repository (tests that need them skip cleanly when absent).
+
+Constants and helpers that are not fixtures are imported by the test modules: ``from conftest import
+TINY_SHAPE, subprocess_env, result_fields`` (pytest puts ``tests/`` on ``sys.path``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -22,10 +26,34 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_FILES = ("gsm8k_train.jsonl", "gsm8k_test.jsonl", "math500_test.jsonl", "aime24_test.jsonl",
               "amc23_test.jsonl")
 
+TINY_SHAPE: dict[str, int] = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+"""The tiny Llama shape of most CPU tests (head_dim 16, 2 query heads per KV head): a recipe's ``model.tiny``
+section as it is, or ``TinyModelSpec(**TINY_SHAPE)``. Not to be changed in place: a variant is
+``dict(TINY_SHAPE, num_hidden_layers=4)``."""
+
+SUBPROCESS_ENV: dict[str, str] = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+"""What the scripts the tests start (benches, ``python -m rlkit``) get on top of this process's environment."""
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a script a test starts: this process's, :data:`SUBPROCESS_ENV` (offline, no
+    tokenizer threads), then ``extra``."""
+    return {**os.environ, **SUBPROCESS_ENV, **extra}
+
+
+def result_fields(stdout: str) -> dict[str, str]:
+    """The ``key=value`` figures of a bench's output, whose last non-blank line must be its ``RESULT`` line."""
+    lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
+    assert lines, "bench printed nothing"
+    last = lines[-1]
+    assert last.startswith("RESULT "), f"last line is not a RESULT line: {last!r}"
+    return dict(re.findall(r"(\w+)=(\S+)", last))
+
 
 def _data_dir() -> Path:
     env = os.environ.get("RLKIT_DATA_DIR")
-    return Path(env) if env else Path(__file__).parents[1].parent / "shared" / "data"
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
 
 
 def _fail_on_own_deprecations(item):
@@ -88,11 +116,10 @@ def char_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_spec():
-    """A very small Llama shape (hidden 64, 2 layers) that keeps CPU tests to seconds."""
+    """:data:`TINY_SHAPE` as a ``TinyModelSpec`` (hidden 64, 2 layers): keeps CPU tests to seconds."""
     from rlkit.recipe import TinyModelSpec
 
-    return TinyModelSpec(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=128)
+    return TinyModelSpec(**TINY_SHAPE)
 
 
 @pytest.fixture

@@ -3,26 +3,56 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 
+import pytest
 
-def _result(stdout: str) -> dict[str, str]:
-    lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
-    assert lines, "bench printed nothing"
-    last = lines[-1]
-    assert last.startswith("RESULT "), f"last line is not a RESULT line: {last!r}"
-    return dict(re.findall(r"(\w+)=(\S+)", last))
+from conftest import result_fields, subprocess_env
+
+
+def _bench_helpers(repo_root):
+    sys.path.insert(0, str(repo_root / "bench"))
+    try:
+        import _runs
+    finally:
+        sys.path.remove(str(repo_root / "bench"))
+    return _runs
+
+
+def test_result_line_format(repo_root):
+    """``RESULT`` values: floats to ``digits`` decimals (per-key ``precision``), integers and strings as they are."""
+    runs = _bench_helpers(repo_root)
+    line = runs.result_line({"ratio": 1.23456, "loss": 0.5, "ratio_inf": float("inf"), "seeds": 3, "match": "active"},
+                            precision={"ratio": 3})
+    assert line == "RESULT ratio=1.235 loss=0.5000 ratio_inf=inf seeds=3 match=active"
+    assert runs.result_line({"x": 0.12345, "steps": 4}, digits=None) == "RESULT x=0.12345 steps=4"
+    assert dict(re.findall(r"(\w+)=(\S+)", line))["seeds"] == "3"
+    for bad in ({"a b": 1.0}, {"k": "two words"}, {"k": ""}):
+        with pytest.raises(ValueError):
+            runs.result_line(bad)
+
+
+def test_bench_parser_presets(repo_root):
+    runs = _bench_helpers(repo_root)
+    p = runs.bench_parser("Title.\n\nMore.", quick="q", smoke="s", seeds=True)
+    runs.add_jobs_threads(p, jobs=3)
+    runs.add_out(p, "folder")
+    assert p.description == "Title."
+    a = p.parse_args([])
+    assert (runs.preset_of(a), a.seeds, a.jobs, a.threads, a.out) == ("full", None, 3, 1, None)
+    assert runs.preset_of(p.parse_args(["--quick", "--seeds", "1", "2"])) == "quick"
+    assert runs.preset_of(p.parse_args(["--smoke"])) == "smoke"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--quick", "--smoke"])
 
 
 def test_grpo_overhead_smoke(repo_root):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, str(repo_root / "bench" / "grpo_overhead.py"), "--smoke"],
-                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=repo_root, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = _result(proc.stdout)
+    res = result_fields(proc.stdout)
     for key in ("ratio", "rlkit_step_s", "trl_step_s"):
         assert key in res, res
         assert float(res[key]) > 0
@@ -44,13 +74,12 @@ def test_grpo_overhead_cli(repo_root):
 def test_rewards_smoke(repo_root, data_dir, tmp_path):
     """bench/rewards.py --smoke: the RESULT line carries parseable speedup / agreement / worst_batch_s (targets
     are not checked here), the per-figure lines come first, and --out writes the JSON report."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               RLKIT_DATA_DIR=str(data_dir))
+    env = subprocess_env(RLKIT_DATA_DIR=str(data_dir))
     out = tmp_path / "rewards.json"
     proc = subprocess.run([sys.executable, str(repo_root / "bench" / "rewards.py"), "--smoke", "--out", str(out)],
                           cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = _result(proc.stdout)
+    res = result_fields(proc.stdout)
     for key in ("speedup", "agreement", "worst_batch_s"):
         assert key in res, res
         value = float(res[key])
@@ -66,11 +95,10 @@ def test_rewards_smoke(repo_root, data_dir, tmp_path):
 
 
 def _run_bench(repo_root, script: str, *args: str, timeout: int = 600) -> tuple[str, dict[str, str]]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, str(repo_root / "bench" / script), *args], cwd=repo_root, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, str(repo_root / "bench" / script), *args], cwd=repo_root,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return proc.stdout, _result(proc.stdout)
+    return proc.stdout, result_fields(proc.stdout)
 
 
 def test_stephint_vs_grpo_smoke(repo_root, tmp_path):

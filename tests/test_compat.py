@@ -124,10 +124,10 @@ def test_renamed_trainer_fields_take_either_spelling():
 
 def test_recipe_takes_either_checkpointing_spelling(tmp_path):
     from rlkit.recipe import recipe_from_dict, resolve_runs
-    from rlkit.trainers import get_method
+    from rlkit.methods import get_method
 
     for key in ("gradient_checkpointing", "activation_checkpointing"):
         recipe = recipe_from_dict({"method": "sft", "output_dir": str(tmp_path), "trainer": {key: True}})
         run = resolve_runs(recipe)[0]
-        args = get_method("sft").trainer_config(run)
+        args = get_method("sft").make_config(run)
         assert args.gradient_checkpointing is True

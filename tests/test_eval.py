@@ -51,13 +51,14 @@ SAMPLED = {
 def fake_generate(monkeypatch):
     calls = []
 
-    def fake(model, tokenizer, prompts, settings, num_samples=1, do_sample=False, progress=True, desc=""):
+    def fake(model, tokenizer, prompts, settings, num_samples=1, do_sample=False, progress=True, desc="",
+             model_path=None):
         calls.append((list(prompts), num_samples, do_sample))
         if do_sample:
             return [SAMPLED[p][:num_samples] for p in prompts]
         return [[GREEDY[p]] for p in prompts]
 
-    monkeypatch.setattr(me, "generate_hf", fake)
+    monkeypatch.setattr(me, "generate_texts", fake)
     return calls
 
 
@@ -90,7 +91,7 @@ def test_sampled_verdicts_exact(fake_generate):
 
 def test_chat_prompts_are_rendered(char_tokenizer, monkeypatch):
     seen = []
-    monkeypatch.setattr(me, "generate_hf", lambda m, t, prompts, *a, **k: seen.extend(prompts) or [["x"] for _ in prompts])
+    monkeypatch.setattr(me, "generate_texts", lambda m, t, prompts, *a, **k: seen.extend(prompts) or [["x"] for _ in prompts])
 
     class Tok:
         def apply_chat_template(self, messages, tokenize, add_generation_prompt):

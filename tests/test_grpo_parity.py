@@ -1,4 +1,4 @@
-"""GRPO parity and hooks (rlkit/trainers/grpo.py, rlkit/pipeline.py).
+"""GRPO parity and hooks (rlkit/methods/grpo.py, rlkit/pipeline.py).
 
 With nothing extra turned on, rlkit's GRPO must train exactly like plain ``trl.GRPOTrainer``: same
 seed, same tiny model, same synthetic data, same reward -> same first-step loss, grad norm, rewards and
@@ -100,7 +100,7 @@ def plain_trl(tmp_path_factory):
 
 
 def test_rlkit_grpo_trainer_matches_plain_trl(plain_trl, tmp_path):
-    from rlkit.trainers.grpo import RLKitGRPOTrainer
+    from rlkit.methods.grpo import RLKitGRPOTrainer
 
     log, init, trained = plain_trl
     trainer = train(RLKitGRPOTrainer, tmp_path)
@@ -150,7 +150,7 @@ def test_run_one_matches_plain_trl(plain_trl, tmp_path, monkeypatch):
 
 
 def test_extra_token_mask_zero_removes_the_gradient(plain_trl, tmp_path):
-    from rlkit.trainers.grpo import RLKitGRPOTrainer
+    from rlkit.methods.grpo import RLKitGRPOTrainer
 
     log, init, _ = plain_trl
     seen = []
@@ -174,7 +174,7 @@ def test_extra_token_mask_zero_removes_the_gradient(plain_trl, tmp_path):
 
 
 def test_extra_token_mask_partial_changes_the_step(plain_trl, tmp_path):
-    from rlkit.trainers.grpo import RLKitGRPOTrainer
+    from rlkit.methods.grpo import RLKitGRPOTrainer
 
     log, _, _ = plain_trl
 
@@ -214,7 +214,7 @@ def must_not_run(prompts, completions, **columns):
 
 
 def test_reward_engine_scores_and_status_counts(tmp_path):
-    from rlkit.trainers.grpo import RLKitGRPOTrainer
+    from rlkit.methods.grpo import RLKitGRPOTrainer
 
     post = []
 

@@ -1,4 +1,4 @@
-"""StepHint hint building (``rlkit.hints``, ``rlkit hints build``).
+"""StepHint hint building (``rlkit.methods.stephint.hints``, ``rlkit hints build``).
 
 Step splitting is checked on real GSM8K and MATH-500 solutions (skipped when the shared data is absent)
 under three tokenizers built offline: the char tokenizer and two byte-level BPEs trained here on the
@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlkit.hints import (
+from rlkit.methods.stephint.hints import (
     BuiltHints,
     GenerateConfig,
     HintConfig,
@@ -610,7 +610,7 @@ def test_cli_errors(tmp_path, capsys, extra, message):
 
 
 def test_cli_generate_tiny(data_file, tmp_path, capsys, monkeypatch):
-    import rlkit.hints as hints_mod
+    from rlkit.methods.stephint.hints import build as hints_mod
 
     monkeypatch.setattr(hints_mod, "default_verifier", lambda completion, gold: True)
     out = tmp_path / "g.jsonl"
@@ -650,7 +650,7 @@ def test_smollm2_split_and_score(gsm8k_refs, math_refs):
             check_split(ref, steps, tok, cfg)
         # every cut is a drop: q at the cut > q at the next candidate (or at the end of the thinking part),
         # each q recomputed with its own forward pass over prompt + prefix
-        from rlkit.hints import _LEVEL, _Chain, _sites
+        from rlkit.methods.stephint.hints.chains import _LEVEL, _Chain, _sites
 
         ref = chosen[0]
         steps = split_reference(ref, tok, cfg, scorer=model, prompt=prompts[0])

@@ -12,13 +12,14 @@ from rlkit.kvcache import KVCacheConfig
 from rlkit.kvcache import cache as kvcache_module
 from rlkit.recipe import RecipeError, recipe_from_dict, resolve_runs
 
+from conftest import TINY_SHAPE
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
     pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true:UserWarning"),
 ]
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=256)
+TINY = dict(TINY_SHAPE, max_position_embeddings=256)
 SYNTH = {"num_train": 32, "num_test": 4}
 
 
@@ -121,7 +122,7 @@ def test_grpo_rollouts_use_the_compressed_cache(tmp_path, monkeypatch, cache_spy
 
 
 def test_grpo_refuses_kv_cache_with_vllm():
-    from rlkit.trainers.grpo import check_kv_cache_backend
+    from rlkit.methods.grpo import check_kv_cache_backend
 
     assert check_kv_cache_backend(KVCacheConfig(kind="none"), use_vllm=True) is None
     assert check_kv_cache_backend(None, use_vllm=True) is None

@@ -12,13 +12,13 @@ import pytest
 import torch
 import yaml
 
+from rlkit.methods.aux_loss import AuxLossMixin
 from rlkit.models import build_tiny_model, load_model
 from rlkit.patches import apply_patches, auxiliary_loss
 from rlkit.recipe import ModelSpec, TinyModelSpec
-from rlkit.trainers.aux import AuxLossMixin
 
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 128}
+from conftest import TINY_SHAPE
+
 TEXT = "Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = 72 clips altogether. #### 72 "
 
 
@@ -27,7 +27,7 @@ def _pretrain_recipe(tmp_path, write_jsonl, patches, **trainer):
     data = write_jsonl(rows, "text.jsonl")
     recipe = {
         "method": "pretrain", "seed": 0,
-        "model": {"name": "tiny", "tiny": TINY, "patches": patches},
+        "model": {"name": "tiny", "tiny": TINY_SHAPE, "patches": patches},
         "data": {"train": {"name": f"jsonl:{data}"}},
         "trainer": {"text_fields": ["question", "answer"], "seq_length": 32, "validation_split": 0.1,
                     "eval_context_lengths": [32], "eval_max_tokens": 256, "max_steps": 3, "save_strategy": "no",
@@ -63,7 +63,7 @@ class _Trainer(AuxLossMixin, _Base):
 
 @pytest.mark.parametrize("name", ["aoe", "moe"])
 def test_aux_loss_mixin_adds_coef_times_aux_and_scales_for_accumulation(char_tokenizer, name):
-    model = build_tiny_model(TinyModelSpec(**TINY), char_tokenizer)
+    model = build_tiny_model(TinyModelSpec(**TINY_SHAPE), char_tokenizer)
     apply_patches(model, [{"name": name, "num_experts": 4, "top_k": 2, "aux_loss_coef": 0.5}])
     model.train()
     inputs = {"input_ids": torch.randint(4, 90, (2, 16))}
@@ -85,7 +85,7 @@ def test_aux_loss_mixin_adds_coef_times_aux_and_scales_for_accumulation(char_tok
 
 
 def test_aux_loss_mixin_is_a_no_op_without_moe_layers(char_tokenizer):
-    model = build_tiny_model(TinyModelSpec(**TINY), char_tokenizer)
+    model = build_tiny_model(TinyModelSpec(**TINY_SHAPE), char_tokenizer)
     model.train()
     trainer = _Trainer(False)
     assert float(trainer.compute_loss(model, {"input_ids": torch.randint(4, 90, (2, 8))})) == 1.0
@@ -95,9 +95,9 @@ def test_aux_loss_mixin_is_a_no_op_without_moe_layers(char_tokenizer):
 
 
 def test_trainers_use_the_mixin():
-    from rlkit.trainers.grpo import RLKitGRPOTrainer
-    from rlkit.trainers.pretrain import PretrainTrainer
-    from rlkit.trainers.sft import RLKitSFTTrainer
+    from rlkit.methods.grpo import RLKitGRPOTrainer
+    from rlkit.methods.pretrain import PretrainTrainer
+    from rlkit.methods.sft import RLKitSFTTrainer
 
     for cls in (RLKitGRPOTrainer, PretrainTrainer, RLKitSFTTrainer):
         assert issubclass(cls, AuxLossMixin)
@@ -123,7 +123,7 @@ def test_pretrain_aoe_with_aux_loss_trains_logs_and_reloads(tmp_path, write_json
     saved = load_file(str(out / "final" / "model.safetensors"))
     assert "model.layers.0.mlp.w_down" in saved and "model.layers.0.mlp.gate_proj.weight" not in saved
 
-    fresh = build_tiny_model(TinyModelSpec(**TINY), load_model(ModelSpec(name=str(out / "final")))[1])
+    fresh = build_tiny_model(TinyModelSpec(**TINY_SHAPE), load_model(ModelSpec(name=str(out / "final")))[1])
     apply_patches(fresh, [patch])
     assert not torch.equal(fresh.model.layers[0].mlp.w_down, saved["model.layers.0.mlp.w_down"])  # trained
 
@@ -173,7 +173,7 @@ def test_sharded_moe_checkpoint_reloads_and_mismatched_options_fail(char_tokeniz
     from rlkit.patches import load_patch_weights
 
     patch = {"name": "moe", "num_experts": 4, "top_k": 2}
-    model = build_tiny_model(TinyModelSpec(**TINY), char_tokenizer, seed=3)
+    model = build_tiny_model(TinyModelSpec(**TINY_SHAPE), char_tokenizer, seed=3)
     apply_patches(model, [patch])
     with torch.no_grad():
         for p in model.parameters():
@@ -185,7 +185,7 @@ def test_sharded_moe_checkpoint_reloads_and_mismatched_options_fail(char_tokeniz
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     # a model patched with other options cannot take these weights
-    other = build_tiny_model(TinyModelSpec(**TINY), char_tokenizer)
+    other = build_tiny_model(TinyModelSpec(**TINY_SHAPE), char_tokenizer)
     apply_patches(other, [{"name": "moe", "num_experts": 2, "top_k": 1}])
     names = [k for k in other.state_dict() if ".mlp." in k]
     with pytest.raises(ValueError, match="has shape"):

@@ -6,8 +6,6 @@ the benchmark's smoke run."""
 
 from __future__ import annotations
 
-import os
-import re
 import subprocess
 import sys
 
@@ -20,8 +18,9 @@ from rlkit.patches import apply_patches
 from rlkit.patches.cog import cog_attention, cog_attention_reference, cog_layers
 from rlkit.recipe import ModelSpec, TinyModelSpec
 
-SPEC = TinyModelSpec(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=128)  # GQA: 2 query heads per kv head
+from conftest import TINY_SHAPE, result_fields, subprocess_env
+
+SPEC = TinyModelSpec(**dict(TINY_SHAPE, num_hidden_layers=4))  # GQA: 2 query heads per kv head
 
 
 def make(tok, impl="sdpa", spec=SPEC):
@@ -159,8 +158,7 @@ def test_layer_options_and_errors(char_tokenizer):
     apply_patches(m, [{"name": "cog", "layers": [0, -1]}])
     assert cog_layers(m) == [0, 3]
     assert m.config.rlkit_patches == [{"name": "cog", "layers": [0, -1]}]
-    two = TinyModelSpec(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, max_position_embeddings=128)
+    two = TinyModelSpec(**TINY_SHAPE)
     with pytest.raises(ValueError, match="leaves no Cog layer"):
         apply_patches(make(char_tokenizer, spec=two), [{"name": "cog"}])
     with pytest.raises(ValueError, match="out of range"):
@@ -257,15 +255,12 @@ def test_other_families(family, char_tokenizer):
 
 
 def test_bench_smoke(repo_root, data_dir):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RLKIT_DATA_DIR=str(data_dir),
-               OMP_NUM_THREADS="1")
+    env = subprocess_env(RLKIT_DATA_DIR=str(data_dir), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(repo_root / "bench" / "cog_attention.py"), "--smoke", "--hidden", "32",
                            "--layers", "3", "--batch", "2"],
                           cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("RESULT ")
-    res = dict(re.findall(r"(\w+)=(\S+)", last))
+    res = result_fields(proc.stdout)
     for key in ("cog_step_ratio", "eager_step_s", "sdpa_step_s", "cog_step_s", "loss_eager", "loss_cog"):
         assert float(res[key]) > 0, key
     assert abs(float(res["loss_eager"]) - float(res["loss_sdpa"])) < 1e-3  # same math, same batches

@@ -16,8 +16,9 @@ from rlkit.patches import apply_patches
 from rlkit.patches.hope import hope_keep_mask, resolve_train_length
 from rlkit.recipe import ModelSpec, TinyModelSpec
 
-SPEC = TinyModelSpec(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=128)  # head_dim 16 -> 8 rotary pairs
+from conftest import TINY_SHAPE
+
+SPEC = TinyModelSpec(**TINY_SHAPE)  # head_dim 16 -> 8 rotary pairs
 
 
 def default_inv_freq(base: float, dim: int) -> torch.Tensor:

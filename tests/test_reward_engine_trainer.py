@@ -108,7 +108,7 @@ def _trainer(tmp_path, reward_funcs, engine):
     from rlkit.data import build_dataset
     from rlkit.models import build_char_tokenizer, build_tiny_model
     from rlkit.recipe import DatasetSpec, TinyModelSpec
-    from rlkit.trainers.grpo import RLKitGRPOTrainer
+    from rlkit.methods.grpo import RLKitGRPOTrainer
 
     tok = build_char_tokenizer()
     model = build_tiny_model(TinyModelSpec(**TINY), tok, seed=0)

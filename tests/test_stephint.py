@@ -23,7 +23,7 @@ ROW = {"prompt": "Question: 3+4+5-2\nAnswer: ", "question": "3+4+5-2", "answer":
 
 
 def config(tmp_path, **over):
-    from rlkit.trainers.stephint import StepHintConfig
+    from rlkit.methods.stephint import StepHintConfig
 
     kw = dict(output_dir=str(tmp_path), report_to="none", bf16=False, per_device_train_batch_size=12,
               max_completion_length=8, max_steps=1, logging_steps=1, learning_rate=1e-3, save_strategy="no",
@@ -35,9 +35,9 @@ def config(tmp_path, **over):
 def make_trainer(tmp_path, reward_funcs=None, engine=None, rows=None, **over):
     import datasets
 
+    from rlkit.methods.stephint import StepHintTrainer
     from rlkit.models import build_char_tokenizer, build_tiny_model
     from rlkit.recipe import TinyModelSpec
-    from rlkit.trainers.stephint import StepHintTrainer
 
     tok = build_char_tokenizer()
     model = build_tiny_model(TinyModelSpec(**TINY), tok, seed=0)
@@ -113,7 +113,7 @@ def test_plan_uses_global_position_across_processes(tmp_path, monkeypatch):
 
 
 def test_generation_prepends_hints_and_keeps_reference(tmp_path, monkeypatch):
-    from rlkit.trainers.grpo import RLKitGRPOTrainer
+    from rlkit.methods.grpo import RLKitGRPOTrainer
 
     trainer = make_trainer(tmp_path)
     tok = trainer.processing_class
@@ -232,7 +232,7 @@ def _stephint_recipe(tmp_path, **trainer):
 def test_end_to_end_builds_hints_and_trains(tmp_path, splitter):
     """recipe -> hints split at the start of the run (cached) -> one StepHint step -> saved model; a second
     run reads the same hints through ``hints_path``."""
-    from rlkit.hints import read_hints
+    from rlkit.methods.stephint.hints import read_hints
     from rlkit.pipeline import run_one
 
     (run,) = resolve_runs(_stephint_recipe(tmp_path, hint_splitter=splitter, hint_end_marker="####",

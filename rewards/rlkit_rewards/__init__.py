@@ -10,7 +10,7 @@ example no gold answer), which TRL turns into NaN and leaves out of the group st
     [1.0]
 """
 
-from .registry import available, get, register
+from .registry import answer_format, available, check, get, register
 from . import math as _math  # noqa: F401  (registers the built-in rewards)
 from .engine import RewardEngine
 from . import format as _format  # noqa: F401
@@ -19,5 +19,5 @@ from . import noisy as _noisy  # noqa: F401
 from . import calibrated as _calibrated  # noqa: F401
 from . import verl as _verl  # noqa: F401
 
-__all__ = ["RewardEngine", "available", "get", "register"]
+__all__ = ["RewardEngine", "answer_format", "available", "check", "get", "register"]
 __version__ = "0.1.0"

@@ -98,7 +98,24 @@ def hf_reward_model(model_id: str, batch_size: int = 8, device: str | None = Non
     return rm
 
 
-@register("calibrated_rm")
+def _check_calibrated(model: Any = None, tau: float = 0.5, alpha: float = 0.1, rpr: str = "rpr_open",
+                      rpr_options: dict | None = None, batch_size: int = 8, **_: Any) -> None:
+    """The options of ``calibrated_rm``, checked without loading its reward model."""
+    if model is None:
+        raise ValueError("calibrated_rm needs option model: a callable rm(prompts, answers) -> list[float] "
+                         "or a Hugging Face sequence-classification model id")
+    if not (isinstance(model, str) or callable(model)):
+        raise ValueError(f"calibrated_rm: model must be callable or a model id string, got {type(model).__name__}")
+    if rpr not in ("rpr", "rpr_open"):
+        raise ValueError(f"calibrated_rm: rpr must be 'rpr_open' or 'rpr', got {rpr!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"calibrated_rm: batch_size must be a positive integer, got {batch_size!r}")
+    from .registry import check
+
+    check(rpr, **(rpr_options or {}))
+
+
+@register("calibrated_rm", check=_check_calibrated)
 def calibrated_rm(model: Callable[[list, list], list[float]] | str | None = None, tau: float = 0.5,
                   alpha: float = 0.1, rpr: str = "rpr_open", rpr_options: dict | None = None,
                   prefilled_think: bool = False, calibrate_in_eval: bool = False, eval_column: str = "is_eval",

@@ -32,8 +32,11 @@ Design (see ``specs/peer-frameworks.md`` sections 7-9):
   once per function. Async (coroutine) reward functions are awaited with ``asyncio.run``.
 - Statuses, in priority order: ``timeout`` (the item hit a deadline; all its scores 0.0), ``error``
   (a function raised or returned a malformed result; that function's score 0.0, the others kept),
-  ``ok`` (the first function's score > 0), ``unparseable`` (``text.extract_answer`` finds no answer in
-  the completion), ``wrong`` (anything else, including a first score of 0 or None).
+  ``ok`` (the first function's score > 0), ``unparseable`` (the engine's ``answer_check`` finds no answer in
+  the completion), ``wrong`` (anything else, including a first score of 0 or None). ``answer_check`` is
+  pluggable: ``"math"`` (default: ``text.extract_answer``), ``None`` (no parser: a reward that does not
+  score a final answer is never called unparseable), or a top-level function ``completion -> bool``, which
+  runs in the workers under the same deadline.
   ``None`` scores (not applicable) come back as NaN.
 - ``score`` is synchronous and thread-safe (calls are serialised by a lock); it works from the main
   thread, other threads, and inside a running asyncio loop (it blocks that loop; prefer
@@ -111,6 +114,15 @@ def _item_has_answer(completion: Any) -> bool:
     return extract_answer(completion_text(completion)) is not None
 
 
+def _has_answer(check: Any, completion: Any) -> bool | None:
+    """The answer check of an item: None (no parser), ``"math"`` or a ``completion -> bool`` function."""
+    if check is None:
+        return True
+    if check == "math":
+        return _item_has_answer(completion)
+    return bool(check(completion))
+
+
 def _worker_parent_watch(parent_pid: int) -> None:
     while True:  # exit if the parent dies while we are stuck in a long computation
         time.sleep(1.0)
@@ -141,7 +153,7 @@ def _worker_main(conn, parent_pid: int, preload: bool) -> None:
             return
         if msg is None:
             return
-        task_id, key, refs, prompt, completion, ids, has_ids, cols = msg
+        task_id, key, refs, prompt, completion, ids, has_ids, cols, answer_check = msg
         try:
             funcs = cache.get(key)
             if funcs is None:
@@ -160,7 +172,7 @@ def _worker_main(conn, parent_pid: int, preload: bool) -> None:
                 values.append(0.0)
                 errors.append(f"{getattr(f, '__name__', f)!s}: {exc!r}"[:500])
         try:
-            has_answer = _item_has_answer(completion)
+            has_answer = _has_answer(answer_check, completion)
         except BaseException:  # noqa: BLE001
             has_answer = True
         conn.send((task_id, values, errors, has_answer))
@@ -239,10 +251,21 @@ class RewardEngine:
         batch_timeout: seconds one ``score`` call may take; unfinished items become ``timeout``.
         start_method: multiprocessing start method; ``spawn`` (default) is the safe one.
         preload: warm math-verify in each worker at start-up so the first item isn't charged for it.
+        answer_check: what tells ``wrong`` from ``unparseable``: ``"math"`` (a final math answer can be
+            extracted), None (never ``unparseable``) or a top-level function ``completion -> bool``.
     """
 
     def __init__(self, num_workers: int = 2, item_timeout: float = 5.0, batch_timeout: float = 60.0,
-                 start_method: str = "spawn", preload: bool = True):
+                 start_method: str = "spawn", preload: bool = True, answer_check: Any = "math"):
+        if answer_check is not None and answer_check != "math":
+            if not callable(answer_check):
+                raise ValueError(f"answer_check must be 'math', None or a function, got {answer_check!r}")
+            try:
+                pickle.dumps(answer_check)
+            except Exception as exc:  # noqa: BLE001
+                raise ValueError(f"answer_check must be a top-level function (it runs in the workers): {exc!r}") \
+                    from None
+        self.answer_check = answer_check
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if item_timeout <= 0 or batch_timeout <= 0:
@@ -397,7 +420,7 @@ class RewardEngine:
                 ans = has_answer[i]
                 if ans is None:
                     try:
-                        ans = _item_has_answer(completions[i])
+                        ans = _has_answer(self.answer_check, completions[i])
                     except Exception:  # noqa: BLE001
                         ans = True
                 st = "wrong" if ans else "unparseable"
@@ -438,7 +461,7 @@ class RewardEngine:
                     i = pending.pop()
                     task_seq += 1
                     msg = (task_seq, key, refs, prompts[i], completions[i],
-                           completion_ids[i] if has_ids else None, has_ids, cols_of(i))
+                           completion_ids[i] if has_ids else None, has_ids, cols_of(i), self.answer_check)
                     try:
                         w.conn.send(msg)
                     except (pickle.PicklingError, TypeError, AttributeError) as exc:

@@ -276,7 +276,7 @@ def gold_of(value: Any) -> str | None:
     return text or None
 
 
-@register("math_accuracy")
+@register("math_accuracy", answers="math")
 def math_accuracy(gold_column: str = "answer", rel_tol: float = 1e-6):
     """1.0 if the completion's final answer equals the gold answer, 0.0 if not or if no answer is found,
     None for rows with no gold answer. Options: ``gold_column`` (default ``answer``), ``rel_tol``."""

@@ -16,7 +16,16 @@ Evaluation (the paper flips training rewards only): no flipping when the ``train
 absent or None, or when the row's ``is_eval`` column is true. TRL >= 1.x passes ``trainer_state`` during
 evaluation too, so evaluation datasets must carry an ``is_eval=True`` column (or use ``flip=False``).
 Options: ``inner``, ``inner_options``, ``p`` (0.0), ``seed`` (0), ``key_column`` (None), ``flip`` (True:
-False disables flipping everywhere), ``eval_column`` ("is_eval").
+False disables flipping everywhere), ``eval_column`` ("is_eval"), ``extraction`` ("any").
+
+``extraction``: which final answers count. The released code reads only ``\\boxed{}`` (its
+``last_boxed_only_string``): a completion without one scores 0 and is never flipped, whatever else it
+writes. ``"boxed"`` does exactly that: the inner reward sees only the last ``\\boxed{...}`` of each
+completion, and a completion with none scores 0 unflipped. ``"any"`` (the library default, kept for
+compatibility) accepts every answer format ``text.extract_answer`` knows (``\\boxed{}``, ``<answer>``,
+``####``, "the answer is"), which changes the training reward of models that answer in another format. The
+paper-faithful recipe (``recipes/noisy/``) sets ``extraction: boxed``; the synthetic-task recipe and bench
+keep ``any`` because the synthetic solutions end in ``#### x``.
 """
 
 from __future__ import annotations
@@ -26,7 +35,9 @@ import json
 from typing import Any
 
 from .registry import get, register
-from .text import completion_text, extract_answer
+from .text import completion_text, extract_answer, last_boxed
+
+EXTRACTIONS = ("any", "boxed")
 
 
 def prompt_key(prompt: Any) -> str:
@@ -63,18 +74,33 @@ def is_training(columns: dict, i: int, eval_column: str = "is_eval") -> bool:
     return columns.get("trainer_state") is not None and not _row_flag(columns.get(eval_column), i)
 
 
-@register("noisy")
+def boxed_only(completion: Any) -> str | None:
+    """``\\boxed{X}`` for the last boxed answer of a completion, None when it has none (``extraction="boxed"``)."""
+    boxed = last_boxed(completion_text(completion))
+    return None if boxed is None else "\\boxed{" + boxed + "}"
+
+
+@register("noisy", answers="math")
 def noisy(inner: str = "math_accuracy", inner_options: dict | None = None, p: float = 0.0, seed: int = 0,
-          key_column: str | None = None, flip: bool = True, eval_column: str = "is_eval"):
+          key_column: str | None = None, flip: bool = True, eval_column: str = "is_eval", extraction: str = "any"):
     """Wrap reward ``inner`` with question-wise flips of probability ``p`` (see the module docstring)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"noisy: flip probability p must be in [0, 1], got {p}")
     if inner == "noisy":
         raise ValueError("noisy: inner must be another reward, not 'noisy'")
+    if extraction not in EXTRACTIONS:
+        raise ValueError(f"noisy: extraction must be one of {', '.join(EXTRACTIONS)}, got {extraction!r}")
     inner_func = get(inner, **(inner_options or {}))
 
     def noisy_reward(prompts: list, completions: list, **columns: Any) -> list[float | None]:
-        scores = list(inner_func(prompts, completions, **columns))
+        if extraction == "boxed":
+            answers = [boxed_only(c) for c in completions]
+            seen = [a if a is not None else "" for a in answers]
+            scores = list(inner_func(prompts, seen, **columns))
+            scores = [0.0 if a is None and s is not None else s for a, s in zip(answers, scores)]
+            completions = seen
+        else:
+            scores = list(inner_func(prompts, completions, **columns))
         if not flip or p <= 0.0:
             return scores
         step = global_step(columns.get("trainer_state"))

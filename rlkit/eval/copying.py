@@ -1,4 +1,6 @@
-"""Context-copying probe and induction-head scores ("Language Models 'Grok' to Copy", arXiv 2409.09281).
+"""Context-copying probe and induction-head scores ("Language Models 'Grok' to Copy", arXiv 2409.09281),
+and the random-token copy task it shares with PEAR (``rlkit.methods.pear``): ``probe_token_ids`` (the token
+pool) and ``copy_sequences`` / ``make_copy_inputs`` (the ``[BOS] S S`` draws).
 
 The paper (Lv et al., NAACL 2025) tracks in-context copying and induction heads during pretraining; its
 exact protocol and the definition of its head metric ``I`` are not public (no official code). This
@@ -65,26 +67,37 @@ class CopyProbeConfig:
 
 
 def probe_token_ids(tokenizer, vocab_size: int | None = None) -> list[int]:
-    """Ids the random sequences are drawn from: every non-special id below the model's vocab size."""
+    """Ids the random sequences are drawn from: every id below ``min(len(tokenizer), vocab_size)`` that is not
+    one of the tokenizer's special tokens (the probe passes ``config.vocab_size``, PEAR the output-embedding
+    rows)."""
     n = len(tokenizer) if vocab_size is None else min(len(tokenizer), vocab_size)
-    special = set(tokenizer.all_special_ids)
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
     ids = [i for i in range(n) if i not in special]
     if len(ids) < 2:
         raise ProbeError("the tokenizer has fewer than 2 non-special token ids to draw probe sequences from")
     return ids
 
 
-def make_copy_inputs(token_ids: list[int], n: int, m: int, seed: int = 0, bos_id: int | None = None) -> torch.Tensor:
-    """``[m, 2n(+1)]`` ids: ``[BOS] S S`` per row, ``S`` uniform over ``token_ids`` (seeded)."""
+def copy_sequences(token_ids: list[int] | torch.Tensor, n: int, m: int, generator: torch.Generator,
+                   bos_id: int | None = None) -> torch.Tensor:
+    """``[m, 2n(+1)]`` ids ``[BOS] S S`` per row, ``S`` uniform (with replacement) over ``token_ids``.
+
+    One ``torch.randint(len(token_ids), (m, n))`` call on ``generator``, so successive calls continue one
+    seeded stream (PEAR's scoring and training draws); ``make_copy_inputs`` starts a fresh one per call."""
     if n < 2:
-        raise ProbeError(f"probe sequence length must be at least 2, got {n}")
-    g = torch.Generator().manual_seed(seed)
-    pool = torch.tensor(token_ids, dtype=torch.long)
-    seq = pool[torch.randint(len(pool), (m, n), generator=g)]
+        raise ProbeError(f"copy sequence length must be at least 2, got {n}")
+    pool = torch.as_tensor(token_ids, dtype=torch.long)
+    seq = pool[torch.randint(len(pool), (m, n), generator=generator)]
     parts = [seq, seq]
     if bos_id is not None:
         parts.insert(0, torch.full((m, 1), bos_id, dtype=torch.long))
     return torch.cat(parts, dim=1)
+
+
+def make_copy_inputs(token_ids: list[int], n: int, m: int, seed: int = 0, bos_id: int | None = None) -> torch.Tensor:
+    """``[m, 2n(+1)]`` ids: ``[BOS] S S`` per row, ``S`` uniform over ``token_ids``, from a generator seeded
+    with ``seed`` (the probe's fixed sequences)."""
+    return copy_sequences(token_ids, n, m, torch.Generator().manual_seed(seed), bos_id)
 
 
 def copy_positions(n: int, start: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Math evaluation: greedy pass@1, sampled pass@k and maj@k, with HF ``generate`` or vLLM.
+"""Math evaluation: greedy pass@1, sampled pass@k and maj@k, generated through :mod:`rlkit.rollout` (HF
+``generate`` or vLLM).
 
 Verdicts use ``rlkit_rewards``' math verifier (the same one the training reward uses). For sampled
 evaluation with ``k`` samples per problem, ``pass@k`` is 1 when any sample is right (n = k, so the
@@ -9,107 +10,17 @@ the answer seen first) and checks it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
-from tqdm.auto import tqdm
 
 from rlkit_rewards.math import numbers_equal, verify_answer
 from rlkit_rewards.text import extract_answer, parse_number
 
+from ..rollout import GenerationSettings, generate_texts, render_prompts
 
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = 256
-    batch_size: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    backend: str = "hf"
-    """``hf`` (transformers generate) or ``vllm``."""
-    vllm_kwargs: dict = field(default_factory=dict)
-    kv_cache: Any = None
-    """An ``rlkit.kvcache.KVCacheConfig`` (PolarQuant / ThinK key-cache compression for HF generate), or None."""
-
-
-def render_prompts(prompts: list, tokenizer) -> list[str]:
-    """Prompts as text: chat-message prompts go through the tokenizer's chat template."""
-    out = []
-    for p in prompts:
-        if isinstance(p, str):
-            out.append(p)
-        else:
-            out.append(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True))
-    return out
-
-
-@torch.no_grad()
-def generate_hf(model, tokenizer, prompts: list[str], settings: GenerationSettings, num_samples: int = 1,
-                do_sample: bool = False, progress: bool = True, desc: str = "generate") -> list[list[str]]:
-    """``num_samples`` completions per prompt with ``model.generate`` (left padding, length-sorted batches)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[list[str]] = [[] for _ in prompts]
-    add_special = not any(tokenizer.bos_token and p.startswith(tokenizer.bos_token) for p in prompts[:1])
-    compress = settings.kv_cache is not None and settings.kv_cache.kind != "none"
-    stack = contextlib.ExitStack()
-    if compress:
-        from ..kvcache import kv_compression
-
-        stack.enter_context(kv_compression(model, settings.kv_cache))  # a fresh compressed cache per generate
-    try:
-        bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
-        for start in range(0, len(order), settings.batch_size):
-            idx = order[start : start + settings.batch_size]
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                            add_special_tokens=add_special).to(device)
-            gen_kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, do_sample=do_sample,
-                                              num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id)
-            if do_sample:
-                gen_kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
-            else:
-                gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-            out = model.generate(**enc, **gen_kwargs)
-            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            for j, i in enumerate(idx):
-                results[i] = texts[j * num_samples : (j + 1) * num_samples]
-            bar.update(len(idx))
-        bar.close()
-    finally:
-        stack.close()
-        tokenizer.padding_side = side
-        if was_training:
-            model.train()
-    return results
-
-
-def generate_vllm(model_path: str, prompts: list[str], settings: GenerationSettings, num_samples: int = 1,
-                  do_sample: bool = False) -> list[list[str]]:
-    """Completions with vLLM's offline engine (needs the ``vllm`` extra and a GPU)."""
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError:
-        raise RuntimeError("backend 'vllm' needs vLLM: pip install 'rlkit-reasoning[vllm]' (GPU only); "
-                           "or use --backend hf") from None
-    if not torch.cuda.is_available():
-        raise RuntimeError("backend 'vllm' needs a CUDA GPU; use --backend hf on CPU")
-    if settings.kv_cache is not None and settings.kv_cache.kind != "none":
-        raise RuntimeError(f"kv_cache kind {settings.kv_cache.kind!r} applies to HF generate only; vLLM manages "
-                           "its own KV cache (use --backend hf, or kv_cache kind none)")
-    llm = LLM(model=model_path, **settings.vllm_kwargs)
-    params = SamplingParams(n=num_samples, max_tokens=settings.max_new_tokens,
-                            temperature=settings.temperature if do_sample else 0.0,
-                            top_p=settings.top_p if do_sample else 1.0)
-    outs = llm.generate(prompts, params)
-    return [[c.text for c in o.outputs] for o in outs]
+__all__ = ["GenerationSettings", "evaluate_rows", "judge", "majority", "render_prompts", "write_outputs"]
 
 
 def _same(a: str, b: str) -> bool:
@@ -152,11 +63,7 @@ def evaluate_rows(model, tokenizer, rows: list[dict], settings: GenerationSettin
     prompts = render_prompts([r["prompt"] for r in rows], tokenizer)
 
     def gen(n, sample, desc):
-        if settings.backend == "vllm":
-            return generate_vllm(model_path or model.name_or_path, prompts, settings, n, sample)
-        if settings.backend != "hf":
-            raise ValueError(f"unknown generation backend {settings.backend!r}; use 'hf' or 'vllm'")
-        return generate_hf(model, tokenizer, prompts, settings, n, sample, progress, desc)
+        return generate_texts(model, tokenizer, prompts, settings, n, sample, progress, desc, model_path)
 
     greedy = gen(1, False, "greedy")
     records = []

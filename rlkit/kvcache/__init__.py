@@ -1,21 +1,9 @@
 """Compressed key caches for generation: PolarQuant (arXiv 2502.00527), ThinK (arXiv 2407.21018) and both.
 
-Post-hoc methods (no training) that shrink the *key* half of the KV cache of a Llama/Qwen2-family HF model
-during ``generate``; values stay whole. Spec: ``shared/specs/model-patches.md`` sections 0, 4 and 5.
-
-- **PolarQuant** (``kind="polarquant"``): each RoPE pair ``(k[j], k[j + D/2])`` of a post-RoPE key is stored
-  as a quantized radius and angle (``rbits`` + ``tbits`` bits, default 4 + 4 = 1 byte per pair) with a
-  zero-point and scale (in the key dtype) per 128-token group and pair: 4.25 bits per key element in a 16-bit
-  model, a 0.266 ratio to a 16-bit cache. The last ``< residual_length`` tokens stay full precision.
-  ``lut=True`` computes the decode-step QK product by table lookups on the codes instead of dequantizing
-  (:mod:`.polar`; a PyTorch reference of the official Triton kernel: same numbers, no speed-up).
-- **ThinK** (``kind="think"``): after the prefill, each KV head keeps the ``D - floor(pruning_ratio * D)`` key
-  channels with the largest ``||K[:, c]||^2 * sum_h ||Q_obs,h[:, c]||^2`` (last ``obs_window`` prompt queries);
-  the last ``recent`` prompt tokens and every generated token keep all channels (:mod:`.think`).
-- **Both** (``kind="both"``): ThinK prunes whole RoPE pairs, then the kept pairs of the pruned prompt are
-  polar-quantized; the unpruned tokens (recent + generated) follow the PolarQuant rules (:mod:`.cache`).
-
-Use::
+Post-hoc (no training): the *key* half of a Llama/Qwen2-family model's KV cache shrinks during ``generate``;
+values stay whole. ``polarquant`` stores each RoPE pair of a key as a quantized radius and angle (:mod:`.polar`),
+``think`` prunes key channels per KV head after the prefill (:mod:`.think`), ``both`` does the two
+(:mod:`.cache`). Use::
 
     from rlkit.compat import cache_kwargs         # cache= from transformers 5.24 on, past_key_values= before
     from rlkit.kvcache import KVCacheConfig, make_cache, prepare_model
@@ -23,27 +11,10 @@ Use::
     prepare_model(model, cfg)                      # hooks + attention switch when needed; idempotent
     out = model.generate(**enc, **cache_kwargs(make_cache(model, cfg)), max_new_tokens=64)
 
-``make_cache`` must be called for every ``generate`` call (a cache holds one batch's state); it returns
-``None`` for ``kind="none"`` (``generate`` then builds its default cache). :func:`wrap_generate` and the
-:func:`kv_compression` context manager do both steps. :func:`key_cache_bytes` / :func:`key_cache_report`
-measure the key memory (``reference_bits=16`` normalises a float32 CPU model to a 16-bit one).
-
-What :func:`prepare_model` changes, and why:
-
-- ``kind="polarquant"`` with ``lut=False`` needs nothing: the cache returns dequantized keys to whatever
-  attention the model uses, so the model is left (or put back) as it was.
-- ThinK (its prune needs the prefill queries) and the LUT decode (it reads the codes) need the attention
-  function to reach the cache: the model's ``config._attn_implementation`` is switched to ``"think_sdpa"`` or
-  ``"polar_lut"`` (registered with HF's ``AttentionInterface`` / ``AttentionMaskInterface``, SDPA-based), and
-  a forward pre-hook on every attention module hands it the cache layer (:mod:`.attention`). The previous
-  implementation is remembered on the model and put back by :func:`restore_model`; preparing again with
-  another config only switches the name. ``prepare_model`` with a config that needs nothing (``"none"``,
-  plain PolarQuant) restores a prepared model, so the model state always matches the last config.
-- A model prepared for ThinK still runs any other cache (or none, training) exactly as SDPA would.
-
-Choices where the papers are silent are documented in :mod:`.polar` (parameter dtype and rounding),
-:mod:`.think` (per-KV-head GQA scoring, padding, pair pruning) and :mod:`.cache` (flush timing, what
-``update`` returns, crop, byte accounting).
+``make_cache`` is called for every ``generate`` call (``None`` for ``kind="none"``); :func:`wrap_generate` and
+:func:`kv_compression` do both steps; :func:`restore_model` undoes :func:`prepare_model`. ``docs/methods/kvcache.md``
+has what each method stores, what ``prepare_model`` changes and why, the choices made where the papers are
+silent, and the measured results (``bench/kv_cache.py``).
 """
 
 from __future__ import annotations

@@ -3,17 +3,21 @@
 A patch is a function ``patch(model, **options)`` that mutates a loaded HF model in place. The list
 of applied specs is recorded in ``model.config.rlkit_patches`` so that a saved checkpoint loads back
 patched through ``rlkit.models.load_model``. With no patches the model is untouched.
-Method modules register themselves here (``@register_patch("hope")``); the built-in ones are listed in
-``_BUILTIN`` and imported on first use, so importing ``rlkit.patches`` stays cheap.
+Patch modules register themselves here (``@register_patch("hope", options=HopeOptions)``); the built-in ones
+are listed in ``_BUILTIN`` and imported on first use, so importing ``rlkit.patches`` stays cheap. Options are
+typed (:mod:`.options`): :func:`check_patches` validates a recipe's patch list before any model loads, with
+nearest-key errors, and :func:`apply_patches` passes the validated options on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 from typing import Any, Callable
 
 _PATCHES: dict[str, Callable[..., None]] = {}
+_OPTIONS: dict[str, type] = {}
 
 # built-in patch name -> module that registers it (imported lazily by ``apply_patches``)
 _BUILTIN: dict[str, str] = {
@@ -35,12 +39,49 @@ def _load_builtin(name: str) -> None:
                 raise
 
 
-def register_patch(name: str):
+def register_patch(name: str, options: type | None = None):
+    """Register ``patch(model, **options)`` under ``name``; ``options`` is the dataclass of its options (the
+    built-in patches' are in :mod:`.options` and need not be passed)."""
     def deco(fn: Callable[..., None]) -> Callable[..., None]:
         _PATCHES[name] = fn
+        if options is not None:
+            _OPTIONS[name] = options
         return fn
 
     return deco
+
+
+def _options_class(name: str) -> type | None:
+    from .options import BUILTIN_OPTIONS
+
+    return _OPTIONS.get(name) or BUILTIN_OPTIONS.get(name)
+
+
+def check_patches(specs: Any, where: str = "model.patches") -> list[dict]:
+    """Validate a list of patch specs (names and typed options) without a model; returns the options of each
+    spec as a dict (defaults filled in). Raises ``rlkit.config.ConfigError`` with one line."""
+    from ..config import ConfigError, build, nearest
+
+    if not isinstance(specs, list):
+        raise ConfigError(f"{where}: expected a list of patches like [{{name: hope, train_length: 4096}}]")
+    out = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ConfigError(f"{where}[{i}]: must be a mapping with a 'name', got {spec!r}")
+        name = spec["name"]
+        known = sorted(set(_BUILTIN) | set(_PATCHES))
+        if name not in known:
+            hint = nearest(str(name), known, cutoff=0.6)
+            raise ConfigError(f"{where}[{i}].name: unknown patch {name!r}{hint if hint.startswith('; did') else ''} "
+                              f"(available: {', '.join(known)})")
+        options = {k: v for k, v in spec.items() if k != "name"}
+        cls = _options_class(name)
+        if cls is None:
+            out.append(options)
+            continue
+        built = build(cls, options, f"{where}[{i}]({name})")
+        out.append({f.name: getattr(built, f.name) for f in dataclasses.fields(cls)})
+    return out
 
 
 def available_patches() -> list[str]:
@@ -59,10 +100,9 @@ def apply_patches(model: Any, specs: list[dict], weights_from: str | None = None
     top of a patched checkpoint) instead of replacing it."""
     before = set(model.state_dict())
     applied = []
+    typed = check_patches(list(specs), "patches")
     for i, spec in enumerate(specs):
-        if not isinstance(spec, dict) or "name" not in spec:
-            raise ValueError(f"patches[{i}] must be a mapping with a 'name', got {spec!r}")
-        options = {k: v for k, v in spec.items() if k != "name"}
+        options = typed[i]
         name = spec["name"]
         _load_builtin(name)
         if name not in _PATCHES:

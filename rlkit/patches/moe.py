@@ -1,156 +1,20 @@
-"""Mixture-of-Experts MLPs: Autonomy-of-Experts (AoE; Lv, Xie, Qian, Wu, Sun, Kang, Wang, Yan; arXiv 2501.13074,
-ICML 2025) and a standard learned-router top-K MoE to compare it with (spec ``model-patches.md`` section 1).
+"""Mixture-of-Experts MLPs: Autonomy-of-Experts (AoE; Lv et al., arXiv 2501.13074, ICML 2025) and a standard
+learned-router top-K MoE to compare it with (spec ``model-patches.md`` section 1).
 
-Both layers replace a dense SwiGLU MLP (``down(SiLU(x W_gate) * x W_up)``) by ``n`` SwiGLU experts of width
-``D_w`` of which every token uses ``K``. They differ only in how the experts are chosen.
+Both replace a dense SwiGLU MLP by ``n`` SwiGLU experts of which every token uses ``K``: ``AoEMoE`` (patch
+``"aoe"``) has no router, each expert scores itself by the L2 norm of its low-rank gate activation
+``x W_down^i``; ``TopKMoE`` (patch ``"moe"``) has a learned linear router. Both share ``dispatch`` (sort by
+expert, one run per expert, gather back: deterministic), the load-balancing ``aux_loss`` left on each layer
+(``L = n * sum_i f_i P_i``, 1 when balanced; trainers add it through ``rlkit.patches.auxiliary_loss``), a
+padding mask copied from the decoder by a pre-hook, seeded initialisation and optional upcycling from the dense
+MLP (truncated SVD of the gate for AoE). Checkpoints reload through ``rlkit.models.load_model``
+(``rlkit.patches.load_patch_weights``).
 
-- **AoE** (``AoEMoE``, patch ``"aoe"``) has no router. Each expert's gate matrix is factorized,
-  ``W_g^i = W_down^i W_up^i`` (``W_down^i: [d, r]``, ``W_up^i: [r, D_w]``, ``r = d_low``), and every expert
-  scores itself by the L2 norm of its own low-rank activation:
+Helpers: ``moe_modules(model)``, ``moe_stats(model)``, ``matched_aoe_width(d, expert_size, d_low)``.
 
-  1. ``C = x . [W_down^1 ... W_down^n]`` in one GEMM, ``[T, n*r]``, viewed as ``[T, n, r]`` and kept;
-  2. ``s_i = ||C[:, i, :]||_2`` (computed in float32; no activation before the norm);
-  3. ``p = softmax(s)``, ``(w_K, idx) = topk(p, K)``, and with ``renormalize`` ``w_K /= sum(w_K)``;
-  4. only the selected experts finish, reusing ``C``: ``y_i = (SiLU(C_i W_up^i) * (x W_p^i)) W_o^i`` and
-     ``y = sum_k w_k y_{idx_k}``. The other experts stop after ``W_down``.
-
-- **Top-K MoE** (``TopKMoE``, patch ``"moe"``): a learned linear router ``W_r: [d, n]``,
-  ``p = softmax(x W_r)`` (float32), the same top-K / renormalization, and full-rank SwiGLU experts
-  ``y_i = (SiLU(x W_g^i) * (x W_p^i)) W_o^i``.
-
-Parameters and their state-dict names (under ``model.layers.{i}.mlp.``; stable, reloaded by name):
-
-==========  =====================  =========================================================================
-layer       name                   shape
-==========  =====================  =========================================================================
-AoEMoE      ``w_down``             ``[d, n*r]`` (expert ``i`` owns columns ``i*r:(i+1)*r``)
-AoEMoE      ``w_up``               ``[n, r, D_w]``
-both        ``w_p``                ``[n, d, D_w]`` (the "up" / linear branch of SwiGLU)
-both        ``w_o``                ``[n, D_w, d]`` (the output / "down" projection)
-TopKMoE     ``w_router``           ``[d, n]``
-TopKMoE     ``w_g``                ``[n, d, D_w]`` (the gate branch, inside SiLU)
-==========  =====================  =========================================================================
-
-No buffers are added; ``model.state_dict()`` round-trips through ``load_state_dict``. The dense ``gate_proj``
-/ ``up_proj`` / ``down_proj`` of a patched layer are gone from the state dict. Saving and reloading: a
-``save_pretrained`` checkpoint holds these names; ``from_pretrained`` of the base architecture reports them as
-unexpected (and the dense MLP weights as missing), and re-applying the recorded patch creates the parameters
-with their seeded initial values, so a loader must copy the checkpoint's ``*.mlp.w_*`` tensors in after
-re-applying the patches: ``rlkit.models.load_model`` does (``rlkit.patches.load_patch_weights``). Upcycling needs the dense weights
-and only makes sense on a dense checkpoint.
-
-Token dispatch (shared, ``dispatch``): the ``[B, S, d]`` input is flattened to ``[T, d]``; the ``T*K``
-(token, slot) assignments are sorted by expert (one stable ``argsort``) and counted (one ``bincount``, one
-host sync per layer); each expert with at least one token runs once on its contiguous slice (a loop over
-experts, never over tokens), and experts with no token are skipped (their parameter rows simply get zero
-gradient, the parameters are shared tensors so autograd and DDP see every parameter used). The expert
-outputs are put back in (token, slot) order with the inverse permutation (a gather) and combined as
-``sum_k w_k y_k`` over the ``K`` slots. This replaces the usual ``index_add_`` scatter on purpose: every output
-row is written exactly once, so the result is deterministic on GPU too (``index_add_`` accumulates with
-atomics there) and equal to the ``index_add_`` result up to summation order.
-
-Numerics: the matmuls run in the parameters' dtype (bf16 in, bf16 out); the AoE norms, both softmaxes, the
-top-K weights and the aux-loss statistics are float32 (float64 inputs stay float64). The router GEMM of
-``TopKMoE`` is done in float32 too (it is ``d x n``, negligible, and bf16 router logits tie too often). The
-weights are cast to the activation dtype for the combination; the sum over ``K`` accumulates in float32 inside
-``torch.sum``.
-
-Load-balancing loss (``aux_loss``): the Switch loss ``L = n * sum_i f_i P_i`` with ``P_i`` the mean routing
-probability of expert ``i`` (AoE: the norm softmax, with gradient) and ``f_i`` the fraction of the ``T*K``
-assignments that went to expert ``i`` (no gradient), so ``sum_i f_i = 1`` and perfect balance gives
-``L = 1`` for every ``K``. **Convention:** the AoE reference ``moe.py`` and HF Mixtral's
-``load_balancing_loss_func`` sum the one-hot mask over the ``K`` slots instead (``f_i`` = fraction of tokens
-that picked ``i``), which is exactly ``K`` times our value, minimum ``K``. The paper's ``alpha_aux = 0.01``
-therefore corresponds to ``aux_loss_coef = 0.01 * K`` here. It is computed per layer (HF Mixtral pools the
-counts over all layers before multiplying). Padding tokens are excluded from ``P`` and ``f`` (below). The loss
-is always computed (for logging); it enters training only through ``rlkit.patches.auxiliary_loss(model)``, which a trainer
-must add to its loss after the forward pass (``aux_loss_coef`` = 0, the default, adds nothing).
-
-Padding: an MLP sees only hidden states, so the patch registers a forward pre-hook (``with_kwargs=True``) on
-the decoder that owns the layers (``model.model``, e.g. ``LlamaModel``) which copies its 2-D
-``attention_mask`` (``[B, S]``, nonzero = real token) onto every MoE module (``module.token_mask``). The hook
-sits on the decoder rather than on the ``*ForCausalLM`` because every route into the layers goes through it:
-``LlamaForCausalLM.forward`` calls ``self.model(input_ids=..., attention_mask=..., ...)`` (PEFT wrappers call
-that in turn), and code that wants hidden states only calls ``model.model`` directly, skipping the top-level
-module and its hooks. The positional form ``model.model(input_ids, attention_mask)`` works too. The mask is
-used only when its shape equals the MLP input's ``[B, S]``; otherwise (no mask, a 4-D or dict mask, cached
-decoding where the MLP sees only the new tokens) all tokens count. Routing is per token and there is no
-capacity factor, so the outputs of real tokens never depend on pad tokens; the mask only changes the
-statistics. The mask stays set until the next decoder forward, so gradient-checkpoint recomputation sees the
-same one. Calling a layer directly (outside the model) uses whatever ``token_mask`` it holds when the shapes
-match; set it to None (or to a ``[B, S]`` mask) first.
-
-Per-layer state after each forward: ``aux_loss`` (the un-weighted ``L``, a 0-dim float32 tensor with grad;
-None before any forward), ``aux_loss_coef`` and ``last_load`` (``f``, detached, ``[n]``); ``copy.deepcopy`` /
-pickling drops ``aux_loss`` and ``token_mask`` (deepcopy refuses non-leaf tensors; TRL deep-copies reference
-models). Gradient checkpointing: the statistics are computed on every call, since non-reentrant
-checkpointing (HF v5's default) requires the recomputation to save the same tensors, but a forward that
-autograd runs inside a backward pass (the recomputation) does not overwrite ``aux_loss`` / ``last_load``:
-the values would be the same, and the stored tensor would keep the recomputed graph alive until the next
-step. Two limits: with *reentrant* checkpointing the first forward runs under ``no_grad``, so ``aux_loss``
-has no gradient and the aux loss cannot train; and the recomputation reads ``token_mask`` again, so the
-decoder must not run another forward on the same model between a training forward and its backward (TRL's
-GRPO / SFT trainers do not).
-Module-level helpers: ``moe_modules(model)``, ``rlkit.patches.auxiliary_loss(model)`` (sum of ``coef * aux_loss`` over the
-layers with ``coef > 0``; None when there is none), ``moe_stats(model)`` (``moe/aux_loss``,
-``moe/load_entropy``, ``moe/load_max`` for logging).
-
-Patches (recipe: ``model.patches: [{name: aoe, num_experts: 8, top_k: 2}]``; ``apply_patches`` records the
-spec list in ``config.rlkit_patches``). Options, shared by ``aoe`` and ``moe``:
-
-- ``layers`` (``"all"`` or a list of layer indices, negative = from the end): the layers whose ``mlp`` is
-  replaced. The dense MLP must be Llama-shaped (``gate_proj``, ``up_proj``, ``down_proj``) and the config's
-  ``hidden_act`` SiLU (``silu`` / ``swish``), else ``ValueError``: the experts are SwiGLU.
-- ``num_experts`` (8), ``top_k`` (2, at most ``num_experts``), ``renormalize`` (True).
-- ``expert_size`` (``D_w``): default ``intermediate_size // top_k`` ("equal active parameters": ``K``
-  experts of width ``D_ffn / K`` have the dense MLP's active width); ``intermediate_size`` itself when
-  upcycling (any other value is an error there).
-- ``d_low`` (aoe only; ``r``): default ``max(1, hidden_size // 3)`` (the paper's best sweep value, 256 at
-  d_model 768, is about ``d/3``); when upcycling the default is ``min(hidden_size, intermediate_size)``, the
-  rank at which the SVD factorization is exact, so the upcycled model starts as the dense one (a smaller
-  ``d_low`` truncates the gate and changes the function).
-- ``match_params`` (aoe only): when true the AoE expert width is ``matched_aoe_width(d, expert_size,
-  d_low)`` instead of ``expert_size``, i.e. one AoE expert has the parameter count of a ``TopKMoE`` expert
-  of width ``expert_size`` (the router's ``d*n`` parameters are not matched). Default: true when
-  ``expert_size`` is derived (not given) and the layer is not upcycled, false otherwise; true together with
-  ``upcycle`` is an error.
-- ``aux_loss_coef`` (0.0, >= 0): stored on each layer, used by ``rlkit.patches.auxiliary_loss`` (which rlkit's
-  trainers add to their loss, ``rlkit.trainers.aux``).
-- ``init_std`` (0.02, the AoE reference's init for every matrix, router included): all new matrices are
-  ``N(0, init_std^2)``. Layer ``i`` is initialised on the CPU in float32 under ``torch.random.fork_rng``
-  with ``torch.manual_seed(seed + i)`` (the global RNG is left untouched) and then moved to the dense
-  MLP's device and dtype, so patching is deterministic and independent of the device.
-- ``upcycle`` (False): every expert starts from the dense MLP: ``w_p = up_proj.weight.T``,
-  ``w_o = down_proj.weight.T``, and ``w_g = gate_proj.weight.T`` (moe) or, for AoE, the truncated SVD of
-  ``G = gate_proj.weight.T`` (``[d, D_ffn]``, a full float64 SVD on the weight's device, once per layer:
-  seconds for a 7B layer on a GPU, much longer on a CPU):
-  ``W_down = U_r sqrt(S_r)``, ``W_up = sqrt(S_r) V_r^T`` (the balanced split, so both factors have the same
-  scale). ``d_low`` may not exceed ``min(d, D_ffn)`` there (a zero-padded factor pair would have zero gradient
-  forever). The ``moe`` router keeps its ``N(0, init_std^2)`` init. With one expert and ``top_k=1`` (any
-  ``renormalize``), or with identical experts and ``renormalize=True``, the upcycled layer computes exactly
-  the dense MLP (up to float error; for AoE when ``d_low = min(d, D_ffn)``). Dense biases are refused.
-- ``upcycle_noise`` (0.01; >= 0): identical experts would receive identical gradients for tokens routed to
-  them alike and AoE would score them identically, so experts ``1..n-1`` get relative Gaussian noise: each
-  upcycled matrix ``M`` (per expert: ``w_down`` block, ``w_up``, ``w_p``, ``w_o``; ``w_g`` for moe) becomes
-  ``M + upcycle_noise * std(M) * N(0, 1)``, ``std`` taken over the dense matrix. Expert 0 stays exact;
-  0 disables the noise.
-- ``seed`` (0): see ``init_std``.
-
-Choices made where the paper is silent or the references differ (spec section 1):
-
-- Renormalization of the top-K weights is on by default, as in the reference ``moe.py`` (the megablocks
-  ``AoE.py`` does not renormalize); which one the paper's runs used is UNCONFIRMED.
-- Gradients. Experts never selected in a batch get zero gradient on ``w_up`` / ``w_p`` / ``w_o`` (``w_g``).
-  Their ``W_down`` columns (AoE) or router column (moe) are reached only through the softmax denominator:
-  with ``renormalize=False`` the combine weight ``p_k = e^{s_k} / sum_j e^{s_j}`` depends on every expert's
-  score, so they do get gradient; with ``renormalize=True`` the denominator cancels
-  (``w_k = e^{s_k} / sum_{k' in topK} e^{s_k'}``) and their gradient from the output is zero (up to float
-  round-off), and it is nonzero again only through the aux loss's ``P_i`` when ``aux_loss_coef > 0``.
-  With ``K = 1`` and renormalization the single weight is 1 and the scores get no gradient from the output.
-- No jitter noise (the reference's ``JITTER_NOISE`` is off by default), no capacity factor / token dropping,
-  no shared expert.
-- ``matched_aoe_width`` rounds ``(3 d D - r d) / (r + 2 d)`` to the nearest integer; AoE expert parameters:
-  ``d r + r D_w + 2 d D_w``; a standard expert: ``3 d D``.
+``docs/methods/moe.md`` has the math, the state-dict names, every option and default, the auxiliary-loss
+convention, dispatch, numerics, padding, gradient checkpointing, upcycling, checkpoint reload, every choice
+made where the paper is silent, and the measured results (``bench/aoe_vs_moe.py``).
 """
 
 from __future__ import annotations
@@ -165,47 +29,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_patch
+from .options import check_experts as _check_experts  # the checks shared with the recipe-time options
+from .options import check_init_std as _check_init_std
+from .options import check_moe_options
+from .options import flag as _flag
+from .options import non_negative_float as _non_negative_float
+from .options import positive_int as _positive_int
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["AoEMoE", "Routing", "TopKMoE", "aoe", "dispatch", "matched_aoe_width", "moe",
            "moe_modules", "moe_stats"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Validation helpers
-
-
-def _positive_int(who: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{who}: {name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _non_negative_float(who: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{who}: {name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _flag(who: str, name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{who}: {name} must be true or false, got {value!r}")
-    return value
-
-
-def _check_experts(who: str, num_experts: Any, top_k: Any) -> None:
-    _positive_int(who, "num_experts", num_experts)
-    _positive_int(who, "top_k", top_k)
-    if top_k > num_experts:
-        raise ValueError(f"{who}: top_k ({top_k}) must be <= num_experts ({num_experts})")
-
-
-def _check_init_std(who: str, init_std: Any) -> float:
-    std = _non_negative_float(who, "init_std", init_std)
-    if std == 0:
-        raise ValueError(f"{who}: init_std must be > 0, got {init_std!r}")
-    return std
 
 
 def matched_aoe_width(hidden_size: int, expert_size: int, d_low: int) -> int:
@@ -586,27 +420,9 @@ def _patch(kind: str, model: Any, layers: Any, num_experts: Any, top_k: Any, d_l
            match_params: Any, aux_loss_coef: Any, renormalize: Any, upcycle: Any, upcycle_noise: Any, seed: Any,
            init_std: Any) -> None:
     who = kind
-    _check_experts(who, num_experts, top_k)
-    coef = _non_negative_float(who, "aux_loss_coef", aux_loss_coef)
-    _flag(who, "renormalize", renormalize)
-    _flag(who, "upcycle", upcycle)
-    noise = _non_negative_float(who, "upcycle_noise", upcycle_noise)
-    std = _check_init_std(who, init_std)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"{who}: seed must be an integer, got {seed!r}")
-    if expert_size is not None:
-        _positive_int(who, "expert_size", expert_size)
-    if d_low is not None:
-        if kind != "aoe":
-            raise ValueError(f"{who}: d_low applies to the aoe patch only")
-        _positive_int(who, "d_low", d_low)
-    if match_params is not None:
-        _flag(who, "match_params", match_params)
-        if match_params and kind != "aoe":
-            raise ValueError(f"{who}: match_params applies to the aoe patch only")
-        if match_params and upcycle:
-            raise ValueError(f"{who}: match_params cannot be combined with upcycle (upcycled experts keep the dense "
-                             f"intermediate size)")
+    check_moe_options(kind, num_experts, top_k, d_low, expert_size, match_params, aux_loss_coef, renormalize,
+                      upcycle, upcycle_noise, seed, init_std)
+    coef, noise, std = float(aux_loss_coef), float(upcycle_noise), float(init_std)
 
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     act = getattr(config, "hidden_act", None)

@@ -10,21 +10,14 @@ from __future__ import annotations
 
 from trl import SFTConfig, SFTTrainer
 
-from ..recipe import RecipeError
-from .aux import AuxLossMixin
-from .registry import Method
+from ..config import RecipeError
+from . import register_method
+from .aux_loss import AuxLossMixin
+from .base import TrainerMethod
 
 
 class RLKitSFTTrainer(AuxLossMixin, SFTTrainer):
     """TRL's ``SFTTrainer`` plus the auxiliary losses of patched layers (MoE load balancing)."""
-
-
-def _check(run, where: str) -> None:
-    from ..data import BENCHMARKS
-
-    name = run.data.train.name
-    if name in BENCHMARKS and BENCHMARKS[name].solution_column is None and not run.data.train.solution_column:
-        raise RecipeError(f"data.train: {name} has no reference solutions, so it cannot be used for sft")
 
 
 def sft_dataset(spec, tokenizer):
@@ -39,15 +32,22 @@ def sft_dataset(spec, tokenizer):
     return ds.select_columns(["prompt", "completion"])
 
 
-def run_sft(run, ctx) -> str:
-    args = METHOD.trainer_config(run)
-    trainer = RLKitSFTTrainer(
-        model=ctx.model, args=args, train_dataset=sft_dataset(run.data.train, ctx.tokenizer),
-        processing_class=ctx.tokenizer, callbacks=ctx.callbacks,
-    )
-    ctx.trainer = trainer
-    trainer.train(resume_from_checkpoint=ctx.resume)
-    return ctx.save_final(trainer)
+@register_method
+class SFTMethod(TrainerMethod):
+    """``method: sft``: TRL's SFT on the data's reference solutions."""
 
+    name = "sft"
 
-METHOD = Method(name="sft", config_class=lambda: SFTConfig, run=run_sft, check=_check)
+    def config_class(self) -> type:
+        return SFTConfig
+
+    def check(self, run, config, where: str) -> None:
+        from ..data import BENCHMARKS
+
+        name = run.data.train.name
+        if name in BENCHMARKS and BENCHMARKS[name].solution_column is None and not run.data.train.solution_column:
+            raise RecipeError(f"data.train: {name} has no reference solutions, so it cannot be used for sft")
+
+    def build_trainer(self, run, ctx, args):
+        return RLKitSFTTrainer(model=ctx.model, args=args, train_dataset=sft_dataset(run.data.train, ctx.tokenizer),
+                               processing_class=ctx.tokenizer, callbacks=ctx.callbacks)

@@ -36,7 +36,7 @@ itself; it is the standard causal-LM recipe (HF ``run_clm`` style) on ``transfor
   ``rlkit.models``. A hub checkpoint is *continued*, not re-initialised.
 - Checkpoints are safetensors ``checkpoint-N`` folders (Trainer's), so ``resume_from_checkpoint``
   works; packing and the validation split are deterministic, so a resumed run sees the same blocks. The
-  final model is saved by the pipeline's ``save_final``.
+  final model is saved by the shared tail of ``rlkit.methods.base.TrainerMethod``.
 """
 
 from __future__ import annotations
@@ -50,9 +50,10 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments, default_data_collator
 
-from ..recipe import RecipeError
-from .aux import AuxLossMixin
-from .registry import Method
+from ..config import RecipeError
+from . import register_method
+from .aux_loss import AuxLossMixin
+from .base import TrainerMethod
 
 
 @dataclass
@@ -291,52 +292,64 @@ class PretrainTrainer(AuxLossMixin, Trainer):
 # Method
 
 
-def _check(run, where: str) -> None:
-    seq_length = run.trainer.get("seq_length", PretrainConfig.__dataclass_fields__["seq_length"].default)
-    if run.model.name == "tiny" and seq_length > run.model.tiny.max_position_embeddings:
-        raise RecipeError(f"{where}.seq_length={seq_length} is longer than model.tiny.max_position_embeddings="
-                          f"{run.model.tiny.max_position_embeddings}; raise max_position_embeddings")
-    if run.model.lora is not None:
-        raise RecipeError("model.lora: the pretrain method trains every weight; remove the lora section")
+@register_method
+class PretrainMethod(TrainerMethod):
+    """``method: pretrain``: the pretraining lab (see the module docstring)."""
 
+    name = "pretrain"
 
-def run_pretrain(run, ctx) -> str:
-    from ..eval.copying import CopyingProbeCallback, CopyProbeConfig
+    def config_class(self) -> type:
+        return PretrainConfig
 
-    args = METHOD.trainer_config(run)
-    data = build_pretrain_data(run.data, ctx.tokenizer, args)
-    main = args.process_index == 0
-    max_pos = getattr(ctx.model.config, "max_position_embeddings", None)
-    if main:
-        print(f"[rlkit] pretrain: {data.documents} documents, {len(data.train)} blocks of {args.seq_length} tokens "
-              f"({data.train_tokens} tokens); validation: "
-              + (f"{data.validation_ids.numel()} tokens" if data.validation_ids is not None else "none"), flush=True)
-        long = [n for n in args.eval_context_lengths if max_pos and n > max_pos]
-        if long and data.validation_ids is not None:
-            print(f"[rlkit] note: evaluating at {long} tokens, beyond max_position_embeddings={max_pos}", flush=True)
-    callbacks = list(ctx.callbacks)
-    if args.probe_steps > 0:
-        title = Path(run.output_dir).name if run.name == "main" else run.name
-        probe = CopyProbeConfig(seq_length=args.probe_seq_length, num_sequences=args.probe_num_sequences,
-                                batch_size=args.probe_batch_size, seed=args.probe_seed,
-                                threshold=args.probe_threshold, bos=args.probe_bos)
-        callbacks.append(CopyingProbeCallback(ctx.tokenizer, args.probe_steps, probe, output_dir=run.output_dir,
-                                              plot=run.plot, title=f"{title} (pretrain)"))
-    trainer = PretrainTrainer(model=ctx.model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                              validation_ids=data.validation_ids, processing_class=ctx.tokenizer, callbacks=callbacks)
-    ctx.trainer = trainer
-    trainer.train(resume_from_checkpoint=ctx.resume)
-    if data.validation_ids is not None:
-        metrics = trainer.evaluate()
-        if main:
-            ppl = {int(k.rsplit("_", 1)[1]): v for k, v in metrics.items() if k.startswith("eval_ppl_")}
-            report = {"step": trainer.state.global_step, "seq_length": args.seq_length,
-                      "validation_tokens": int(data.validation_ids.numel()), "eval_loss": metrics.get("eval_loss"),
-                      "ppl": {str(k): ppl[k] for k in sorted(ppl)}}
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(args.output_dir) / "perplexity.json").write_text(json.dumps(report, indent=2) + "\n")
-            print("[rlkit] pretrain: perplexity " + ", ".join(f"@{k}: {ppl[k]:.3f}" for k in sorted(ppl)), flush=True)
-    return ctx.save_final(trainer)
+    def check(self, run, config, where: str) -> None:
+        if run.model.name == "tiny" and config.seq_length > run.model.tiny.max_position_embeddings:
+            raise RecipeError(f"{where}.seq_length={config.seq_length} is longer than "
+                              f"model.tiny.max_position_embeddings={run.model.tiny.max_position_embeddings}; "
+                              "raise max_position_embeddings")
+        if run.model.lora is not None:
+            raise RecipeError("model.lora: the pretrain method trains every weight; remove the lora section")
 
+    def build_trainer(self, run, ctx, args):
+        from ..eval.copying import CopyingProbeCallback, CopyProbeConfig
 
-METHOD = Method(name="pretrain", config_class=lambda: PretrainConfig, run=run_pretrain, check=_check)
+        data = build_pretrain_data(run.data, ctx.tokenizer, args)
+        self._data = data
+        max_pos = getattr(ctx.model.config, "max_position_embeddings", None)
+        if args.process_index == 0:
+            print(f"[rlkit] pretrain: {data.documents} documents, {len(data.train)} blocks of {args.seq_length} "
+                  f"tokens ({data.train_tokens} tokens); validation: "
+                  + (f"{data.validation_ids.numel()} tokens" if data.validation_ids is not None else "none"),
+                  flush=True)
+            long = [n for n in args.eval_context_lengths if max_pos and n > max_pos]
+            if long and data.validation_ids is not None:
+                print(f"[rlkit] note: evaluating at {long} tokens, beyond max_position_embeddings={max_pos}",
+                      flush=True)
+        callbacks = list(ctx.callbacks)
+        if args.probe_steps > 0:
+            title = Path(run.output_dir).name if run.name == "main" else run.name
+            probe = CopyProbeConfig(seq_length=args.probe_seq_length, num_sequences=args.probe_num_sequences,
+                                    batch_size=args.probe_batch_size, seed=args.probe_seed,
+                                    threshold=args.probe_threshold, bos=args.probe_bos)
+            callbacks.append(CopyingProbeCallback(ctx.tokenizer, args.probe_steps, probe, output_dir=run.output_dir,
+                                                  plot=run.plot, title=f"{title} (pretrain)"))
+        return PretrainTrainer(model=ctx.model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                               validation_ids=data.validation_ids, processing_class=ctx.tokenizer,
+                               callbacks=callbacks)
+
+    def run(self, run, ctx):
+        output = super().run(run, ctx)
+        trainer, data = ctx.trainer, self._data
+        if data.validation_ids is not None:
+            metrics = trainer.evaluate()
+            if trainer.args.process_index == 0:
+                ppl = {int(k.rsplit("_", 1)[1]): v for k, v in metrics.items() if k.startswith("eval_ppl_")}
+                report = {"step": trainer.state.global_step, "seq_length": trainer.args.seq_length,
+                          "validation_tokens": int(data.validation_ids.numel()),
+                          "eval_loss": metrics.get("eval_loss"), "ppl": {str(k): ppl[k] for k in sorted(ppl)}}
+                out = Path(trainer.args.output_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "perplexity.json").write_text(json.dumps(report, indent=2) + "\n")
+                print("[rlkit] pretrain: perplexity " + ", ".join(f"@{k}: {ppl[k]:.3f}" for k in sorted(ppl)),
+                      flush=True)
+                output.summary["perplexity"] = report["ppl"]
+        return output

@@ -11,7 +11,8 @@ plain TRL's for the same seed; a test checks the first-step loss):
   (summed over ranks) are logged each step as ``rewards/status/<status>``. In evaluation every row gets
   ``is_eval=True`` (so ``noisy`` never flips there). When None, TRL's own ``_calculate_rewards`` runs.
   ``rlkit train`` passes an ``rlkit_rewards.engine.RewardEngine`` built from the recipe's
-  ``reward_engine`` section (on by default; ``reward_engine: {enabled: false}`` gives TRL's scoring).
+  ``reward_engine`` section by :mod:`rlkit.rewarding` (on by default; ``reward_engine: {enabled: false}``
+  gives TRL's scoring).
 - ``postprocess_batch(batch, inputs)``: called on every scored generation batch before the loss; a
   method may replace ``advantages`` by a ``(B, T)`` per-token tensor or add metrics.
 - ``extra_token_mask(batch, inputs)``: an optional ``(B, T)`` 0/1 mask multiplied into TRL's
@@ -34,9 +35,11 @@ from accelerate.utils import gather
 from rlkit_rewards.engine import STATUSES, light_trainer_state
 from trl import GRPOConfig, GRPOTrainer
 
-from ..recipe import RecipeError
-from .aux import AuxLossMixin
-from .registry import Method
+from ..config import RecipeError
+from ..rewarding import build_reward_funcs, make_reward_engine, reward_weights_of
+from . import register_method
+from .aux_loss import AuxLossMixin
+from .base import TrainerMethod
 
 
 def check_kv_cache_backend(kv_cache: Any, use_vllm: bool) -> Any:
@@ -75,10 +78,10 @@ class RLKitGRPOTrainer(AuxLossMixin, GRPOTrainer):
     def _generate_single_turn(self, *args, **kwargs):
         if self.kv_cache is None:
             return super()._generate_single_turn(*args, **kwargs)
-        from ..kvcache import kv_compression
+        from ..rollout import compressed_generate
 
         # TRL calls ``generate`` on the unwrapped model; the context gives each call a fresh compressed cache
-        with kv_compression(self.accelerator.unwrap_model(self.model), self.kv_cache):
+        with compressed_generate(self.accelerator.unwrap_model(self.model), self.kv_cache):
             return super()._generate_single_turn(*args, **kwargs)
 
     def _generate_and_score_completions(self, inputs):
@@ -119,89 +122,41 @@ class RLKitGRPOTrainer(AuxLossMixin, GRPOTrainer):
         return gather(rewards)
 
 
-def reward_weights_of(run) -> dict:
-    """``{"reward_weights": [...]}`` when the recipe weights its rewards and the trainer section does not."""
-    if "reward_weights" not in run.trainer and any(r.weight != 1.0 for r in run.rewards):
-        return {"reward_weights": [r.weight for r in run.rewards]}
-    return {}
+@register_method
+class GRPOMethod(TrainerMethod):
+    """``method: grpo``: TRL's GRPO through :class:`RLKitGRPOTrainer`. Subclasses (StepHint) change the config
+    class, the trainer class and the training dataset."""
 
+    name = "grpo"
+    rewards = "required"
+    trainer_class: type = RLKitGRPOTrainer
 
-def make_reward_engine(spec):
-    """A ``RewardEngine`` for a run's ``reward_engine`` section, or None when it is disabled."""
-    if spec is None or not spec.enabled:
-        return None
-    from rlkit_rewards.engine import RewardEngine
+    def config_class(self) -> type:
+        return GRPOConfig
 
-    return RewardEngine(num_workers=spec.resolved_workers(), item_timeout=spec.item_timeout,
-                        batch_timeout=spec.batch_timeout)
+    def config_extra(self, run) -> dict:
+        return reward_weights_of(run)
 
+    def train_dataset(self, run, ctx, args):
+        from ..data import build_dataset
 
-def _check(run, where: str) -> None:
-    prefix = where[: -len("trainer")]  # "" or "stages.<name>."
-    if not run.rewards:
-        raise RecipeError(f"{prefix}rewards: GRPO needs at least one reward (e.g. rewards: [{{name: math_accuracy}}])")
-    import rlkit_rewards
+        return build_dataset(run.data.train, ctx.tokenizer, shuffle=False)
 
-    names = rlkit_rewards.available()
-    for i, r in enumerate(run.rewards):
-        if r.name not in names:
-            import difflib
+    def build_trainer(self, run, ctx, args):
+        from ..models import peft_config
 
-            near = difflib.get_close_matches(r.name, names, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise RecipeError(f"{prefix}rewards[{i}].name: unknown reward {r.name!r}{hint} (available: {', '.join(names)})")
-
-
-def build_reward_funcs(specs) -> list:
-    import rlkit_rewards
-
-    funcs = []
-    for i, r in enumerate(specs):
-        try:
-            funcs.append(rlkit_rewards.get(r.name, **r.options))
-        except (ValueError, TypeError) as e:
-            raise RecipeError(f"rewards[{i}]: {e}") from None
-    return funcs
-
-
-def run_grpo(run, ctx, method: Method | None = None, trainer_class: type | None = None, train_dataset=None,
-             args=None) -> str:
-    """Train with GRPO (or a GRPO-based ``method`` with its ``trainer_class``, dataset and already built
-    config ``args``); returns the path of the saved final model. A trainer class the caller put in ``ctx``
-    wins when it subclasses ``trainer_class``."""
-    from ..data import build_dataset
-    from ..models import peft_config
-
-    method = method or METHOD
-    if args is None:
-        args = method.trainer_config(run, **reward_weights_of(run))
-    train_ds = train_dataset if train_dataset is not None else build_dataset(run.data.train, ctx.tokenizer, shuffle=False)
-    cls = ctx.trainer_class or RLKitGRPOTrainer
-    if trainer_class is not None and not issubclass(cls, trainer_class):
-        cls = trainer_class
-    kwargs = dict(ctx.trainer_kwargs)
-    engine = None
-    if "reward_engine" not in kwargs and issubclass(cls, RLKitGRPOTrainer):
-        engine = kwargs["reward_engine"] = make_reward_engine(run.reward_engine)
-    if "kv_cache" not in kwargs and issubclass(cls, RLKitGRPOTrainer) and run.kv_cache.kind != "none":
-        kwargs["kv_cache"] = run.kv_cache
-    try:
-        trainer = cls(
+        kwargs = {"reward_engine": make_reward_engine(run.reward_engine, run.rewards)}
+        if kwargs["reward_engine"] is not None:
+            ctx.on_close(kwargs["reward_engine"].close)
+        if run.kv_cache.kind != "none":
+            kwargs["kv_cache"] = run.kv_cache
+        return self.trainer_class(
             model=ctx.model,
             reward_funcs=build_reward_funcs(run.rewards),
             args=args,
-            train_dataset=train_ds,
+            train_dataset=self.train_dataset(run, ctx, args),
             processing_class=ctx.tokenizer,
             peft_config=peft_config(run.model),
             callbacks=ctx.callbacks,
             **kwargs,
         )
-        ctx.trainer = trainer
-        trainer.train(resume_from_checkpoint=ctx.resume)
-        return ctx.save_final(trainer)
-    finally:
-        if engine is not None:
-            engine.close()
-
-
-METHOD = Method(name="grpo", config_class=lambda: GRPOConfig, run=run_grpo, check=_check)

@@ -1,41 +1,10 @@
 """StepHint: GRPO with multi-level stepwise hints (Zhang, Lv et al., arXiv 2507.02841, ACL 2026).
 
-Each training problem carries a verified reference chain split into m steps (``rlkit hints build``, or
-built at the start of the run; see ``rlkit.hints``). Hint level j is the first j steps. One GRPO group per
-problem holds, in this order (defaults: 5 + 2 x 3 + 1 = 12 members, ``num_generations`` is set from them):
-
-- ``num_unhinted`` rollouts from the plain prompt;
-- ``num_per_level`` rollouts per hint level j = 1..``num_levels``: the hint is the start of the assistant
-  turn and the model continues it (prefill);
-- optionally (``include_reference``) the full reference chain as one off-policy member.
-
-The hint (or the reference) belongs to the completion: the reward sees hint + continuation, and all members
-share one group normalization (TRL's, over ``num_generations``). Hint and reference tokens were not sampled
-from the policy; they are correct by construction, so they are not trained toward a negative advantage:
-``hint_token_rule`` "clip" (default) uses a per-token advantage max(A, 0) on them and A elsewhere; "mask"
-leaves them out of the loss (equivalent to moving the hint into the prompt); "none" treats them like
-generated tokens (ablation).
-
-Choices where the paper is silent (spec section 1.3; each is an option where it matters):
-
-- One mixed group of all members (not one group per level).
-- Off-policy tokens use the current policy's log-probabilities as the "old" ones (ratio 1 at the first
-  iteration); with vLLM their sampling log-probs are NaN, which TRL's importance-sampling correction
-  treats as no correction.
-- The reference member is scored by the reward functions like any other (a dataset reference that does
-  not verify gets reward 0 and, by the hint-token rule, no negative push).
-- A row with fewer hint levels than ``num_levels`` (a short chain) gives the missing levels' members the
-  deepest hint it has; a row with no steps gives plain rollouts instead of hinted ones and of the reference.
-- Hinted completions are up to len(hint) + ``max_completion_length`` tokens long (the continuation gets
-  the full budget).
-- Evaluation generates without hints.
-- No filtering of all-correct or all-wrong groups.
-
-Per-step metrics (logged with TRL's): ``stephint/accuracy_level_<j>`` (mean first-reward of the members
-at level j; level 0 = unhinted, ``ref`` = reference), ``stephint/all_equal_groups`` (share of groups whose
-rewards are all equal: no learning signal), ``stephint/all_equal_unhinted`` (the same over the unhinted
-members only: what plain GRPO on them would have seen), ``stephint/hint_token_share`` (share of the loss's
-tokens that are hint or reference tokens).
+``StepHintConfig``, ``StepHintTrainer`` and ``method: stephint``: one GRPO group per problem of unhinted
+rollouts, rollouts that continue hint levels 1..m-1 of a reference chain (prefilled as the start of the answer)
+and the reference itself; hint and reference tokens get no negative advantage (``hint_token_rule``). Hints come
+from ``rlkit hints build`` (:mod:`.hints`) or are built at the start of the run. Group layout, metrics and every
+choice made where the paper is silent: ``docs/methods/stephint.md``.
 """
 
 from __future__ import annotations
@@ -45,10 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig
 
-from ..recipe import RecipeError
-from .grpo import METHOD as GRPO_METHOD
-from .grpo import RLKitGRPOTrainer, reward_weights_of, run_grpo
-from .registry import Method
+from ...config import RecipeError
+from .. import register_method
+from ..grpo import GRPOMethod, RLKitGRPOTrainer
 
 HINT_TOKEN_RULES = ("clip", "mask", "none")
 
@@ -66,7 +34,7 @@ class StepHintConfig(GRPOConfig):
     hints_path: str | None = field(default=None, metadata={"help": "jsonl from `rlkit hints build`, joined to the data on the question."})
     hint_splitter: str = field(default="adaptive", metadata={"help": "Splitter for hints built at the start of the run: adaptive | paragraph | equal."})
     hint_min_step_tokens: int = field(default=8, metadata={"help": "Minimum tokens per step when building hints."})
-    hint_end_marker: str | None = field(default=None, metadata={"help": "End-of-thinking text for the adaptive rule (None: rlkit.hints' default)."})
+    hint_end_marker: str | None = field(default=None, metadata={"help": "End-of-thinking text for the adaptive rule (None: HintConfig's default, '</think>')."})
 
     def __post_init__(self):
         if self.hint_token_rule not in HINT_TOKEN_RULES:
@@ -241,22 +209,13 @@ class StepHintTrainer(RLKitGRPOTrainer):
 # method entry
 
 
-def _check(run, where: str) -> None:
-    GRPO_METHOD.check(run, where)
-    if "num_generations" in run.trainer:
-        size = METHOD.trainer_config(run, where, device_checks=False).group_size
-        if run.trainer["num_generations"] != size:
-            raise RecipeError(f"{where}.num_generations: StepHint sets it to the group size "
-                              f"num_unhinted + num_per_level * num_levels + include_reference = {size}; remove it")
-
-
 def _with_steps(run, ctx, args: StepHintConfig):
     """The training dataset with a ``steps`` column: from ``hints_path``, the data itself, or built now."""
     import datasets
 
-    from .. import hints as hintlib
-    from ..data import build_dataset
-    from ..pipeline import _is_main, _log
+    from . import hints as hintlib
+    from ...data import build_dataset
+    from ...pipeline import _is_main, _log
 
     ds = build_dataset(run.data.train, ctx.tokenizer, shuffle=False)
     col = args.steps_column
@@ -298,10 +257,21 @@ def _with_steps(run, ctx, args: StepHintConfig):
     return datasets.Dataset.from_list(rows)
 
 
-def run_stephint(run, ctx) -> str:
-    args = METHOD.trainer_config(run, **reward_weights_of(run))
-    train_ds = _with_steps(run, ctx, args)
-    return run_grpo(run, ctx, method=METHOD, trainer_class=StepHintTrainer, train_dataset=train_ds, args=args)
+@register_method
+class StepHintMethod(GRPOMethod):
+    """``method: stephint``: GRPO groups with multi-level hints (docs/methods/stephint.md)."""
 
+    name = "stephint"
+    trainer_class = StepHintTrainer
 
-METHOD = Method(name="stephint", config_class=lambda: StepHintConfig, run=run_stephint, check=_check)
+    def config_class(self) -> type:
+        return StepHintConfig
+
+    def check(self, run, config, where: str) -> None:
+        if "num_generations" in run.trainer and run.trainer["num_generations"] != config.group_size:
+            raise RecipeError(f"{where}.num_generations: StepHint sets it to the group size "
+                              f"num_unhinted + num_per_level * num_levels + include_reference = {config.group_size}; "
+                              "remove it")
+
+    def train_dataset(self, run, ctx, args):
+        return _with_steps(run, ctx, args)
