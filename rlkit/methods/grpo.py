@@ -56,10 +56,67 @@ class RLKitGRPOTrainer(AuxLossMixin, GRPOTrainer):
     """TRL ``GRPOTrainer`` with rlkit's hooks (reward engine, per-batch post-processing, extra masks) and
     the auxiliary losses of patched layers (MoE load balancing) added to the policy loss."""
 
-    def __init__(self, *args, reward_engine: Any = None, kv_cache: Any = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, reward_engine: Any = None, kv_cache: Any = None, vllm_settings: Any = None, **kwargs):
+        import contextlib
+
+        from ..rollout.settings import VLLMSettings
+
+        config = kwargs.get("args")
+        self.vllm_settings = vllm_settings or VLLMSettings()
+        colocate = config is not None and config.use_vllm and config.vllm_mode == "colocate"
+        stack = contextlib.ExitStack()
+        if colocate:  # TRL builds the engine: give it rlkit's dtype / eager mode (rlkit.rollout.vllm)
+            from ..rollout.vllm import colocate_settings
+
+            stack.enter_context(colocate_settings(self.vllm_settings, getattr(kwargs.get("model"), "dtype", None)))
+        with stack:
+            super().__init__(*args, **kwargs)
         self.reward_engine = reward_engine
         self.kv_cache = check_kv_cache_backend(kv_cache, self.use_vllm)
+        if self.use_vllm and self.vllm_settings.sync_check != "off":
+            self._wrap_weight_sync()
+
+    # ---- vLLM weight syncs: the stale-weights probe ------------------------------------------------
+    def _wrap_weight_sync(self) -> None:
+        generation = self.vllm_generation
+        sync = generation.sync_weights
+
+        def sync_and_probe(*args, **kwargs):
+            out = sync(*args, **kwargs)
+            self.check_vllm_weights()
+            return out
+
+        generation.sync_weights = sync_and_probe
+
+    def check_vllm_weights(self) -> Any:
+        """Compare vLLM's log-probabilities of the probe tokens with the policy's after a weight sync; log the
+        gap (``vllm/sync_probe_max_abs_logprob_diff``, ``vllm/sync_probe_ms``) and raise or warn when it is
+        beyond ``vllm.sync_tolerance`` (``vllm.sync_check``). Returns the ``ProbeResult`` (None: not probed)."""
+        from ..rollout.vllm import server_probe, sync_probe
+
+        generation, settings = self.vllm_generation, self.vllm_settings
+        model = self.accelerator.unwrap_model(self.model)
+        if generation.mode == "colocate":
+            result = sync_probe(generation.llm, model, self.processing_class, settings)
+        elif self.accelerator.num_processes == 1:  # server: the probe asks the server for a short continuation
+            result = server_probe(generation.vllm_client, model, self.processing_class, settings)
+        else:
+            return None  # several ranks: a sharded policy cannot run the reference forward on one rank alone
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["vllm/sync_probe_max_abs_logprob_diff"].append(result.max_abs_diff)
+        self._metrics[mode]["vllm/sync_probe_ms"].append(result.seconds * 1000)
+        if not result.ok:
+            msg = (f"vLLM weight sync check failed at step {self.state.global_step}: vLLM's log-probabilities of "
+                   f"the probe tokens differ from the policy's by up to {result.max_abs_diff:.3g} (tolerance "
+                   f"{result.tolerance:.3g}); vLLM is generating with other weights than the ones being trained "
+                   "(a sync that did nothing, or a dtype mismatch: set vllm.dtype to the policy's). Set "
+                   "vllm.sync_check: warn to continue anyway")
+            if settings.sync_check == "error":
+                raise RuntimeError(msg)
+            import warnings
+
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return result
 
     # ---- hooks for subclasses --------------------------------------------------------------------
     def postprocess_batch(self, batch: dict[str, Any], inputs: list[dict]) -> dict[str, Any]:
@@ -137,6 +194,13 @@ class GRPOMethod(TrainerMethod):
     def config_extra(self, run) -> dict:
         return reward_weights_of(run)
 
+    def check(self, run, config, where: str) -> None:
+        if config.use_vllm and run.model.name == "tiny":
+            raise RecipeError(f"{where}.use_vllm: vLLM loads the policy by name and cannot load the in-memory 'tiny' "
+                              "model; train a saved checkpoint, or set use_vllm: false")
+        if config.use_vllm:
+            check_kv_cache_backend(run.kv_cache, True)
+
     def train_dataset(self, run, ctx, args):
         from ..data import build_dataset
 
@@ -145,7 +209,7 @@ class GRPOMethod(TrainerMethod):
     def build_trainer(self, run, ctx, args):
         from ..models import peft_config
 
-        kwargs = {"reward_engine": make_reward_engine(run.reward_engine, run.rewards)}
+        kwargs = {"reward_engine": make_reward_engine(run.reward_engine, run.rewards), "vllm_settings": run.vllm}
         if kwargs["reward_engine"] is not None:
             ctx.on_close(kwargs["reward_engine"].close)
         if run.kv_cache.kind != "none":

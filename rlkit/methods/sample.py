@@ -149,7 +149,10 @@ class SampleMethod(Method):
             ctx.on_close(engine.close)
         vllm_path = None
         if config.backend == "vllm":
+            from ..rollout.vllm import close_engines
+
             vllm_path = str(builtin_path(model_name)) if model_name in BUILTIN_MODELS else model_name
+            ctx.on_close(close_engines)  # the engine's memory goes back when the stage ends
         counts: dict[str, int] = {}
         written = 0
         bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="sample", disable=not _main())
@@ -158,7 +161,7 @@ class SampleMethod(Method):
             settings = GenerationSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                                           temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                                           stop=list(config.stop), seed=run.seed * 1_000_003 + chunk[0],
-                                          backend=config.backend, kv_cache=run.kv_cache)
+                                          backend=config.backend, kv_cache=run.kv_cache, vllm=run.vllm)
             prompts = render_prompts([rows[i]["prompt"] for i in chunk], ctx.tokenizer)
             outs = generate(ctx.model, ctx.tokenizer, prompts, settings, config.num_samples,
                             do_sample=config.temperature > 0, progress=False, model_path=vllm_path)

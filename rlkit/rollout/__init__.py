@@ -1,10 +1,24 @@
 """Rollout: the one generation layer (HF ``generate`` with KV-cache compression, and vLLM), step segmentation
 and the step-scorer protocol. Evaluation, teachers, the ``sample`` stage and decoders generate through here.
+Submodules load on first use (``rlkit.rollout.generation`` imports torch; recipes only need the settings).
 """
 
-from .generation import (BACKENDS, Completion, GenerationSettings, compressed_generate, generate, generate_hf,
-                         generate_texts, render_prompts, seeded)
-from .steps import SPLITTERS, StepScorer, split_steps
+from __future__ import annotations
 
-__all__ = ["BACKENDS", "Completion", "GenerationSettings", "SPLITTERS", "StepScorer", "compressed_generate",
-           "generate", "generate_hf", "generate_texts", "render_prompts", "seeded", "split_steps"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BACKENDS": "generation", "Completion": "generation", "GenerationSettings": "generation",
+    "compressed_generate": "generation", "generate": "generation", "generate_hf": "generation",
+    "generate_texts": "generation", "render_prompts": "generation", "seeded": "generation",
+    "SPLITTERS": "steps", "StepScorer": "steps", "split_steps": "steps",
+    "VLLMSettings": "settings",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

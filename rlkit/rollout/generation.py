@@ -43,7 +43,9 @@ class GenerationSettings:
     backend: str = "hf"
     """``hf`` (transformers generate) or ``vllm``."""
     vllm_kwargs: dict = field(default_factory=dict)
-    """Extra ``vllm.LLM(...)`` arguments (e.g. ``tensor_parallel_size``, ``gpu_memory_utilization``)."""
+    """Extra ``vllm.LLM(...)`` arguments (e.g. ``tensor_parallel_size``)."""
+    vllm: Any = None
+    """An ``rlkit.rollout.vllm.VLLMSettings`` (dtype, eager mode, CPU KV-cache size...); None: the defaults."""
     kv_cache: Any = None
     """An ``rlkit.kvcache.KVCacheConfig`` (PolarQuant / ThinK key-cache compression for HF generate), or None."""
 
@@ -174,7 +176,8 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
     if settings.backend == "vllm":
         from .vllm import generate_vllm
 
-        return generate_vllm(model_path or model.name_or_path, prompts, settings, num_samples, do_sample)
+        return generate_vllm(model_path or model.name_or_path, prompts, settings, num_samples, do_sample,
+                             vllm=settings.vllm)
     return generate_hf(model, tokenizer, prompts, settings, num_samples, do_sample, progress, desc)
 
 

@@ -268,6 +268,7 @@ class StepHintMethod(GRPOMethod):
         return StepHintConfig
 
     def check(self, run, config, where: str) -> None:
+        super().check(run, config, where)
         if "num_generations" in run.trainer and run.trainer["num_generations"] != config.group_size:
             raise RecipeError(f"{where}.num_generations: StepHint sets it to the group size "
                               f"num_unhinted + num_per_level * num_levels + include_reference = {config.group_size}; "

@@ -52,10 +52,10 @@ def load_teacher(gen: GenerateConfig) -> GenerateConfig:
 
 
 def _check_vllm() -> None:
-    from ....rollout.vllm import VLLMError, import_vllm
+    from ....rollout.vllm import VLLMError, platform
 
     try:
-        import_vllm()
+        platform()
     except VLLMError as e:
         raise HintError(str(e)) from None
 
@@ -77,6 +77,7 @@ def _teacher_completions(rows: list[dict], gen: GenerateConfig, progress: bool) 
                                       temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed)
         return generate_texts(gen.model, gen.tokenizer, prompts, settings, gen.samples, do_sample, progress, "teacher")
     from ....models import BUILTIN_MODELS, builtin_path
+    from ....rollout.settings import VLLMSettings
     from ....rollout.vllm import generate_vllm
 
     _check_vllm()
@@ -84,11 +85,10 @@ def _teacher_completions(rows: list[dict], gen: GenerateConfig, progress: bool) 
     engine_kwargs = dict(gen.vllm_kwargs)
     if gen.seed is not None:
         engine_kwargs.setdefault("seed", gen.seed)  # the engine's seed, as the vLLM teacher always had
-    if gen.dtype != "auto":
-        engine_kwargs.setdefault("dtype", gen.dtype)
     settings = GenerationSettings(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                                   backend="vllm")
-    outs = generate_vllm(path, prompts, settings, gen.samples, do_sample, **engine_kwargs)
+    outs = generate_vllm(path, prompts, settings, gen.samples, do_sample, vllm=VLLMSettings(dtype=gen.dtype),
+                         **engine_kwargs)
     return [[c.text for c in o] for o in outs]
 
 
