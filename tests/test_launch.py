@@ -272,7 +272,7 @@ def test_vllm_recipe_keys(keys):
 
     from trl import GRPOConfig
 
-    from rlkit.recipe import load_recipe
+    from rlkit.recipe import RecipeError, load_recipe
 
     fields = {f.name for f in dataclasses.fields(GRPOConfig)}
     assert set(keys) <= fields
@@ -280,7 +280,9 @@ def test_vllm_recipe_keys(keys):
     for k in keys:
         assert k in readme, f"launch/README.md does not mention {k}"
     overrides = [f"trainer.{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}" for k, v in keys.items()]
-    recipe = load_recipe(GRPO_RECIPE, overrides)
+    with pytest.raises(RecipeError, match="cannot load the in-memory 'tiny' model"):
+        load_recipe(GRPO_RECIPE, overrides)  # vLLM loads by name: the in-memory tiny model is refused up front
+    recipe = load_recipe(GRPO_RECIPE, overrides + ["model.name=smollm2-135m-instruct"])
     assert recipe.trainer["vllm_mode"] == keys["vllm_mode"]
 
 
