@@ -255,3 +255,25 @@ def test_build_dataset_shuffle_is_seeded():
     s1 = build_dataset(DatasetSpec(**base), shuffle=True)["question"]
     assert s1 == build_dataset(DatasetSpec(**base), shuffle=True)["question"]
     assert s1 != plain and sorted(s1) == sorted(plain)
+
+
+def test_where_keeps_only_matching_rows(tmp_path):
+    """`where:` filters the stored rows (e.g. a sample stage's `status: ok`) before `limit`; a field no row has
+    is one clear error, not an empty selection."""
+    import json
+
+    from rlkit.data import DataError, load_rows
+    from rlkit.recipe import DatasetSpec
+
+    path = tmp_path / "samples.jsonl"
+    rows = [{"question": f"q{i}", "answer": str(i), "status": "ok" if i % 3 == 0 else "wrong", "k": i % 2}
+            for i in range(12)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_rows(DatasetSpec(name=f"jsonl:{path}", where={"status": "ok"}))
+    assert [r["question"] for r in got] == ["q0", "q3", "q6", "q9"]
+    got = load_rows(DatasetSpec(name=f"jsonl:{path}", where={"status": ["ok", "wrong"], "k": 1}, limit=2))
+    assert [r["question"] for r in got] == ["q1", "q3"]
+    with pytest.raises(DataError, match="has no field 'stauts'"):
+        load_rows(DatasetSpec(name=f"jsonl:{path}", where={"stauts": "ok"}))
+    with pytest.raises(DataError, match="no row matches"):
+        load_rows(DatasetSpec(name=f"jsonl:{path}", where={"status": "timeout"}))

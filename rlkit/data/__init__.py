@@ -16,7 +16,7 @@ from .synthetic import SyntheticConfig, generate
 from .templates import format_prompt
 
 __all__ = ["BENCHMARKS", "DataError", "SyntheticConfig", "build_dataset", "load_raw_rows", "load_rows",
-           "format_prompt", "resolve_template"]
+           "format_prompt", "resolve_template", "select_rows"]
 
 
 def load_raw_rows(spec) -> tuple[list[dict], str, object]:
@@ -41,9 +41,24 @@ def load_raw_rows(spec) -> tuple[list[dict], str, object]:
     return load_hub(name, None, spec.split), name, None
 
 
+def select_rows(rows: list[dict], where: dict | None, source: str = "dataset") -> list[dict]:
+    """The rows whose fields equal ``where``'s values (a list value: any of them); a field no row has is an
+    error naming the fields there are (a typo would otherwise silently select nothing)."""
+    if not where:
+        return rows
+    if rows:
+        missing = [k for k in where if not any(k in r for r in rows)]
+        if missing:
+            raise DataError(f"data.where: {source} has no field {missing[0]!r} (fields: {', '.join(sorted(rows[0]))})")
+    wanted = {k: v if isinstance(v, list) else [v] for k, v in where.items()}
+    return [r for r in rows if all(r.get(k) in vs for k, vs in wanted.items())]
+
+
 def load_rows(spec) -> list[dict]:
-    """Rows for a ``DatasetSpec``-like object (name, path, split, limit, columns, seed, synthetic)."""
+    """Rows for a ``DatasetSpec``-like object (name, path, split, limit, columns, seed, synthetic), keeping
+    only the rows that match its ``where`` filter (applied to the stored rows, before ``limit``)."""
     raw, source, bench = load_raw_rows(spec)
+    raw = select_rows(raw, getattr(spec, "where", None), source)
     if spec.name == "synthetic":
         rows = raw
     elif bench is not None:
@@ -57,6 +72,8 @@ def load_rows(spec) -> list[dict]:
     if spec.limit is not None:
         rows = rows[: spec.limit]
     if not rows:
+        if getattr(spec, "where", None):
+            raise DataError(f"dataset {spec.name!r}: no row matches where {spec.where}")
         raise DataError(f"dataset {spec.name!r} (split {spec.split!r}) is empty")
     return rows
 
