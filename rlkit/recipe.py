@@ -26,8 +26,8 @@ from .config import ConfigError, RecipeError, build, coerce, nearest
 from .kvcache import KVCacheConfig
 from .rollout.settings import VLLMSettings
 
-__all__ = ["RecipeError", "ConfigError", "Recipe", "RunSpec", "ModelSpec", "DatasetSpec", "DataSpec", "RewardSpec",
-           "RewardEngineSpec", "EvalSpec", "StageSpec", "TinyModelSpec", "LoraSpec", "build", "load_recipe",
+__all__ = ["RecipeError", "ConfigError", "Recipe", "RunSpec", "ModelSpec", "DatasetSpec", "BalanceSpec", "DataSpec",
+           "RewardSpec", "RewardEngineSpec", "EvalSpec", "StageSpec", "TinyModelSpec", "LoraSpec", "build", "load_recipe",
            "load_raw", "recipe_from_dict", "resolve_runs", "validate_recipe", "parse_overrides", "list_recipes",
            "ITERATION"]
 
@@ -83,6 +83,28 @@ class ModelSpec:
 
 
 @dataclass
+class BalanceSpec:
+    """Balanced selection of scored samples (OREO, arXiv 2412.16145, A.1, and its ``gen_balanced_new*.py``): per
+    prompt at most ``max_positive`` positives and ``max_negative`` negatives, with #positives <= max(#negatives, 1),
+    the first ones by ``sample_index``. For the rows of a ``sample`` stage (``prompt_index``, ``reward``); see
+    :func:`rlkit.data.balance.balance_rows`."""
+
+    max_positive: int = 4
+    """Most positives kept per prompt (the paper: 4)."""
+    max_negative: int = 4
+    """Most negatives kept per prompt (the paper: 4)."""
+    threshold: float = 0.5
+    """A row is positive when its ``reward`` is above this (0.5: rewards in {0, 1}, 1 = correct)."""
+
+    def __post_init__(self):
+        for name in ("max_positive", "max_negative"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_positive == 0 and self.max_negative == 0:
+            raise ValueError("max_positive and max_negative are both 0: nothing would be kept")
+
+
+@dataclass
 class DatasetSpec:
     """A dataset: a known benchmark name (``gsm8k``, ``math500``, ``aime24``, ``amc23``), ``synthetic``,
     a hub id, or ``jsonl:PATH`` (``method: pretrain`` also reads ``txt:PATH``, a whole file as one
@@ -107,6 +129,9 @@ class DatasetSpec:
     """Which of that stage's datasets (e.g. ``samples`` of a ``sample`` stage)."""
     where: dict = field(default_factory=dict)
     """Keep only rows whose fields equal these values (a list value: any of them), e.g. ``{status: ok}``."""
+    balance: BalanceSpec | None = None
+    """Balanced selection of a ``sample`` stage's rows, applied right after ``where`` (e.g. ``{max_positive: 4,
+    max_negative: 4}``; see :class:`BalanceSpec`). None: every row."""
 
     def __post_init__(self):
         if self.dataset is not None and self.source is None:

@@ -2,7 +2,9 @@
 
 ``load_rows(spec)`` returns normalized rows (``question``, ``answer``, optional ``solution``);
 ``build_dataset(spec, tokenizer)`` adds the ``prompt`` column in the chosen template and returns a
-``datasets.Dataset`` ready for TRL. Sources: a known benchmark (``gsm8k``, ``math500``, ``aime24``,
+``datasets.Dataset`` ready for TRL; ``load_selected_rows(spec)`` returns the stored rows after the ``where``
+filter and the ``balance`` selection (:mod:`rlkit.data.balance`), for methods that read a ``sample`` stage's
+rows whole (DPO pairs, OREO). Sources: a known benchmark (``gsm8k``, ``math500``, ``aime24``,
 ``amc23``) from the hub or a local jsonl, ``synthetic``, ``jsonl:PATH`` or any hub id (with
 ``question_column``/``answer_column`` set).
 """
@@ -11,12 +13,14 @@ from __future__ import annotations
 
 import random
 
+from .balance import balance_rows, group_by_prompt, is_positive, require_sample_fields
 from .benchmarks import BENCHMARKS, DataError, extract_rows, load_hub, local_file, read_jsonl
 from .synthetic import SyntheticConfig, generate
 from .templates import format_prompt
 
-__all__ = ["BENCHMARKS", "DataError", "SyntheticConfig", "build_dataset", "load_raw_rows", "load_rows",
-           "format_prompt", "resolve_template", "select_rows"]
+__all__ = ["BENCHMARKS", "DataError", "SyntheticConfig", "balance_rows", "build_dataset", "group_by_prompt",
+           "is_positive", "load_raw_rows", "load_rows", "load_selected_rows", "format_prompt", "require_sample_fields",
+           "resolve_template", "select_rows"]
 
 
 def load_raw_rows(spec) -> tuple[list[dict], str, object]:
@@ -54,11 +58,21 @@ def select_rows(rows: list[dict], where: dict | None, source: str = "dataset") -
     return [r for r in rows if all(r.get(k) in vs for k, vs in wanted.items())]
 
 
-def load_rows(spec) -> list[dict]:
-    """Rows for a ``DatasetSpec``-like object (name, path, split, limit, columns, seed, synthetic), keeping
-    only the rows that match its ``where`` filter (applied to the stored rows, before ``limit``)."""
+def load_selected_rows(spec) -> tuple[list[dict], str, object]:
+    """``(rows as stored, source, benchmark or None)`` keeping the rows that match ``spec.where``, then the
+    balanced selection ``spec.balance`` (a ``sample`` stage's rows; :func:`rlkit.data.balance.balance_rows`).
+    No column normalisation and no ``limit``."""
     raw, source, bench = load_raw_rows(spec)
     raw = select_rows(raw, getattr(spec, "where", None), source)
+    raw = balance_rows(raw, getattr(spec, "balance", None), source)
+    return raw, source, bench
+
+
+def load_rows(spec) -> list[dict]:
+    """Rows for a ``DatasetSpec``-like object (name, path, split, limit, columns, seed, synthetic), keeping
+    only the rows that match its ``where`` filter and, with ``balance``, the balanced selection of a ``sample``
+    stage's rows (both applied to the stored rows, in that order, before ``limit``)."""
+    raw, source, bench = load_selected_rows(spec)
     if spec.name == "synthetic":
         rows = raw
     elif bench is not None:

@@ -1,0 +1,184 @@
+"""DPO on scored samples (``method: dpo``): TRL's ``DPOTrainer`` on correct/incorrect pairs of a ``sample`` stage.
+
+The DPO baseline of OREO (arXiv 2412.16145, Table 1 and A.1): from the same SFT model and the same offline
+samples as OREO, up to 6 (correct, incorrect) pairs per training query, trained with the DPO loss
+(Rafailov et al. 2023; paper's settings at 1.5B: LR 5e-7, beta 0.1). This module builds the pairs and hands them
+to TRL's ``DPOTrainer`` unchanged; the reference model is the stage's starting model (a frozen copy of it).
+
+Pairs (:func:`build_pairs`): the ``sample`` stage's rows (``data.train: {from: sample, dataset: samples}``, after
+the ``where`` filter and the ``balance`` selection) are grouped by ``prompt_index``; a row is positive when its
+``reward`` is above ``reward_threshold`` (:func:`rlkit.data.is_positive`, the rule of ``data.train.balance``).
+A prompt with P positives and N negatives (each in ``sample_index`` order) gives ``min(P * N,
+max_pairs_per_prompt)`` pairs, taken round-robin: pair k is (positive k mod P, negative (k + k // lcm(P, N)) mod
+N), which walks every (positive, negative) combination once and uses each sample as evenly as possible before
+any is reused. The prompt is the row's rendered ``prompt`` (the text the model saw), chosen/rejected the
+completions as plain text (TRL appends EOS to them). ``limit`` caps the number of pairs. Every choice is listed
+in ``docs/methods/dpo.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import DPOConfig, DPOTrainer
+
+from ..config import RecipeError
+from . import register_method
+from .aux_loss import AuxLossMixin
+from .base import StageOutput, TrainerMethod
+
+__all__ = ["DPOMethod", "RLKitDPOConfig", "RLKitDPOTrainer", "build_pairs", "pair_indices"]
+
+SAMPLE_FIELDS = ("prompt_index", "prompt", "completion", "reward")
+
+
+@dataclass
+class RLKitDPOConfig(DPOConfig):
+    """TRL's ``DPOConfig`` (every field passes through: ``beta`` 0.1 as in the paper, ``loss_type``, ...) plus how
+    pairs are built from scored samples. The paper's DPO baseline uses LR 5e-7 and beta 0.1 at 1.5B (TRL's
+    default learning rate is 1e-6; the shipped recipes set 5e-7)."""
+
+    max_pairs_per_prompt: int = field(default=6, metadata={"help": "Most (correct, incorrect) pairs per prompt "
+                                                                     "(the paper: 6)."})
+    reward_threshold: float = field(default=0.5, metadata={"help": "A sample is positive (chosen side) when its "
+                                                                   "reward is above this (0.5: rewards in {0, 1})."})
+
+    def __post_init__(self):
+        if self.max_pairs_per_prompt < 1:
+            raise ValueError(f"max_pairs_per_prompt must be at least 1, got {self.max_pairs_per_prompt}")
+        super().__post_init__()
+
+
+class RLKitDPOTrainer(AuxLossMixin, DPOTrainer):
+    """TRL's ``DPOTrainer`` plus the auxiliary losses of patched layers (MoE load balancing)."""
+
+
+def pair_indices(n_pos: int, n_neg: int, max_pairs: int) -> list[tuple[int, int]]:
+    """``min(n_pos * n_neg, max_pairs)`` distinct (positive, negative) index pairs, round-robin: pair k is
+    ``(k mod P, (k + k // lcm(P, N)) mod N)``. The first lcm(P, N) pairs are the diagonal (k mod P, k mod N);
+    each later block shifts the negatives by one, so all P * N pairs come once and the samples are used evenly."""
+    if n_pos <= 0 or n_neg <= 0:
+        return []
+    lcm = n_pos * n_neg // math.gcd(n_pos, n_neg)
+    return [(k % n_pos, (k + k // lcm) % n_neg) for k in range(min(n_pos * n_neg, max_pairs))]
+
+
+def build_pairs(rows: list[dict], max_pairs_per_prompt: int = 6, threshold: float = 0.5,
+                bos_token: str | None = None, source: str = "dataset") -> tuple[list[dict], dict]:
+    """DPO pairs from a ``sample`` stage's rows (module docstring) and counts for the log.
+
+    Each pair: ``prompt``, ``chosen``, ``rejected`` (what TRL reads) and, for auditing, ``prompt_index``,
+    ``chosen_sample``, ``rejected_sample`` (the samples' ``sample_index``) and their rewards. ``bos_token``: a
+    prompt that starts with it (a chat template that writes BOS) has it cut, since the tokenizer adds it back
+    (as generation did, which does not add a second one). Raises ``DataError`` when no prompt has both a positive
+    and a negative sample."""
+    from ..data import DataError, group_by_prompt, is_positive, require_sample_fields
+
+    require_sample_fields(rows, SAMPLE_FIELDS, "dpo", source)
+    pairs: list[dict] = []
+    groups = group_by_prompt(rows)
+    stats = {"rows": len(rows), "prompts": len(groups), "prompts_with_pairs": 0, "prompts_all_positive": 0,
+             "prompts_all_negative": 0}
+    for prompt_index, items in groups.items():
+        pos = [r for _, r in items if is_positive(r["reward"], threshold)]
+        neg = [r for _, r in items if not is_positive(r["reward"], threshold)]
+        if not neg:
+            stats["prompts_all_positive"] += 1
+        elif not pos:
+            stats["prompts_all_negative"] += 1
+        chosen_rows = pair_indices(len(pos), len(neg), max_pairs_per_prompt)
+        if chosen_rows:
+            stats["prompts_with_pairs"] += 1
+        for i, j in chosen_rows:
+            c, r = pos[i], neg[j]
+            prompt = c["prompt"]
+            if bos_token and prompt.startswith(bos_token):
+                prompt = prompt[len(bos_token):]
+            pairs.append({"prompt": prompt, "chosen": c["completion"], "rejected": r["completion"],
+                          "prompt_index": prompt_index, "chosen_sample": c.get("sample_index"),
+                          "rejected_sample": r.get("sample_index"), "chosen_reward": c["reward"],
+                          "rejected_reward": r["reward"]})
+    stats["pairs"] = len(pairs)
+    if not pairs:
+        raise DataError(f"dpo: no prompt of {source} has both a positive (reward > {threshold}) and a negative "
+                        f"sample ({stats['prompts']} prompts: {stats['prompts_all_positive']} all positive, "
+                        f"{stats['prompts_all_negative']} all negative), so there is no pair to train on; sample "
+                        "more completions per prompt (args.num_samples), at a higher temperature, or check the "
+                        "rewards")
+    return pairs, stats
+
+
+def _bos_to_strip(tokenizer) -> str | None:
+    """The BOS text to cut from a rendered prompt: only when the tokenizer adds BOS to plain text itself."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos or tokenizer.bos_token_id is None:
+        return None
+    with_special = tokenizer("a")["input_ids"]
+    return bos if with_special and with_special[0] == tokenizer.bos_token_id else None
+
+
+@register_method
+class DPOMethod(TrainerMethod):
+    """``method: dpo``: TRL's DPO on (correct, incorrect) pairs of a ``sample`` stage's completions."""
+
+    name = "dpo"
+    rewards = "none"
+
+    def config_class(self) -> type:
+        return RLKitDPOConfig
+
+    def check(self, run, config, where: str) -> None:
+        spec = run.data.train
+        if spec.source is None and not spec.name.startswith("jsonl:"):
+            raise RecipeError("data.train: dpo trains on scored samples; set data.train to {from: STAGE, dataset: "
+                              f"samples}} (a `sample` stage) or jsonl:PATH of such rows, not {spec.name!r}")
+
+    def pairs(self, run, config, tokenizer) -> tuple[list[dict], dict]:
+        from ..data import load_selected_rows
+
+        rows, source, _ = load_selected_rows(run.data.train)
+        pairs, stats = build_pairs(rows, config.max_pairs_per_prompt, config.reward_threshold,
+                                   _bos_to_strip(tokenizer), source)
+        stats["pairs_built"] = len(pairs)
+        if run.data.train.limit is not None:
+            pairs = pairs[: run.data.train.limit]
+            stats["pairs"] = len(pairs)
+        return pairs, stats
+
+    def build_trainer(self, run, ctx, args):
+        import datasets
+        from accelerate.utils import is_peft_model
+
+        from ..models import peft_config
+
+        pairs, stats = self.pairs(run, args, ctx.tokenizer)
+        self._stats = stats
+        limited = f", the first {stats['pairs']} kept (data.train.limit)" if stats["pairs"] < stats["pairs_built"] else ""
+        print(f"[rlkit] dpo: {stats['pairs_built']} pairs from {stats['prompts_with_pairs']} of {stats['prompts']} "
+              f"prompts ({stats['rows']} samples; {stats['prompts_all_positive']} prompts all positive, "
+              f"{stats['prompts_all_negative']} all negative; at most {args.max_pairs_per_prompt} per prompt)"
+              f"{limited}", flush=True)
+        out = Path(run.output_dir)
+        if args.process_index == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            with (out / "pairs.jsonl").open("w") as f:
+                f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+        train = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+        lora = peft_config(run.model)
+        ref = None
+        if lora is None and not is_peft_model(ctx.model):
+            # the stage's starting model, frozen. TRL would reload it by name, which an in-memory model (tiny) or a
+            # patched one does not survive. With LoRA none is needed: TRL disables the adapter instead.
+            ref = copy.deepcopy(ctx.model).eval()
+            ref.requires_grad_(False)
+        return RLKitDPOTrainer(model=ctx.model, ref_model=ref, args=args, train_dataset=train,
+                               processing_class=ctx.tokenizer, callbacks=ctx.callbacks, peft_config=lora)
+
+    def run(self, run, ctx) -> StageOutput:
+        output = super().run(run, ctx)
+        output.summary.update({f"dpo_{k}": v for k, v in getattr(self, "_stats", {}).items()})
+        return output
