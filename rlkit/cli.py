@@ -67,6 +67,19 @@ def vllm_settings(dtype: str, options: list[str]):
     return build(VLLMSettings, fields, "--vllm-option")
 
 
+def search_settings(args):
+    """``SearchSettings`` from the ``rlkit eval`` value-search flags (None for the greedy decoder)."""
+    if args.decoder != "value_search":
+        return None
+    from .rollout.search import SearchSettings, parse_step_stops
+
+    return SearchSettings(beams=args.beams, expansions=args.expansions, max_rounds=args.max_rounds,
+                          stop=parse_step_stops(args.step_stops, args.benchmark),
+                          max_step_tokens=args.max_step_tokens, max_total_tokens=args.max_new_tokens,
+                          temperature=1.0 if args.temperature is None else args.temperature, seed=args.seed,
+                          add_eos=args.add_eos, batch_size=args.batch_size)
+
+
 def cmd_eval(args) -> int:
     from .eval.run import run_eval
 
@@ -76,7 +89,8 @@ def cmd_eval(args) -> int:
                        samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, backend=args.backend, template=args.template,
                        output_dir=args.output_dir, dtype=args.dtype, kv_cache=kv if kv.kind != "none" else None,
-                       vllm=vllm, path=args.path)
+                       vllm=vllm, path=args.path, decoder=args.decoder, value_model=args.value_model,
+                       search=search_settings(args))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -187,9 +201,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     e.add_argument("--split", default="test")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
     e.add_argument("--samples", type=int, default=0, help="k sampled completions for pass@k / maj@k (0: greedy only)")
-    e.add_argument("--temperature", type=float, default=0.6)
+    e.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default 0.6 for --samples, 1.0 for --decoder value_search)")
     e.add_argument("--max-new-tokens", type=int, default=512)
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--batch-size", type=int, default=16,
+                   help="prompts per generate call (value_search: problems searched together)")
     e.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     e.add_argument("--template", choices=["auto", "plain", "chat", "think_answer"], default="auto")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -203,6 +219,22 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     e.add_argument("--kv-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a kv-cache setting (repeatable): group_size, residual_length, rbits, tbits, lut, "
                         "pruning_ratio, obs_window, recent")
+    e.add_argument("--decoder", choices=["greedy", "value_search"], default="greedy",
+                   help="greedy (pass@1, plus --samples) or value_search: step-level beam search steered by "
+                        "--value-model (HF backend)")
+    e.add_argument("--value-model", default=None, metavar="DIR",
+                   help="a saved value model for --decoder value_search (an OREO stage's final/critic)")
+    e.add_argument("--beams", type=int, default=3, help="value_search: beams kept per problem (B)")
+    e.add_argument("--expansions", type=int, default=None,
+                   help="value_search: sampled steps per beam and round (default: --beams)")
+    e.add_argument("--max-rounds", type=int, default=20, help="value_search: expansion rounds at most")
+    e.add_argument("--max-step-tokens", type=int, default=256, help="value_search: tokens per step at most")
+    e.add_argument("--step-stops", nargs="+", default=None, metavar="STOP",
+                   help="value_search: strings that end a step: a preset (gsm8k: \\n; math: \\n, '. ', '.$ ') or "
+                        "literal strings with backslash escapes (default: math for MATH-style benchmarks, else gsm8k)")
+    e.add_argument("--add-eos", action="store_true",
+                   help="value_search: score finished candidates on solution + ' ' + EOS, as OREO's critic was trained")
+    e.add_argument("--seed", type=int, default=0, help="value_search: sampling seed")
     e.set_defaults(func=cmd_eval)
 
     sa = sub.add_parser("sample", help="N completions per prompt, scored by the reward engine, as a resumable jsonl",

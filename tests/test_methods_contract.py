@@ -49,6 +49,11 @@ MINIMAL = {
                                 "batch_size": 2, "n": 5, "eval_n": [5], "eval_samples": 4}),
 }
 MINIMAL["sample"]["data"]["train"]["limit"] = 6
+MINIMAL["dpo"] = _base("dpo", data={"train": {"name": f"jsonl:{Path(__file__).parent / 'fixtures' / 'samples_tiny.jsonl'}"}},
+                       trainer={**_TRAINER, "per_device_train_batch_size": 2, "max_length": 64,
+                                "gradient_checkpointing": False})
+MINIMAL["oreo"] = _base("oreo", data={"train": {"name": f"jsonl:{Path(__file__).parent / 'fixtures' / 'oreo_samples.jsonl'}"}},
+                        trainer={**_TRAINER, "per_device_train_batch_size": 4, "max_length": 96})
 
 
 def test_every_method_has_a_contract_recipe():

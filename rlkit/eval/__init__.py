@@ -1,6 +1,8 @@
-"""Evaluation: math benchmarks (pass@1 / pass@k / maj@k), a held-out accuracy callback and plots."""
+"""Evaluation: math benchmarks (pass@1 / pass@k / maj@k, or value-guided search), a held-out accuracy callback and
+plots."""
 
 from .callback import HeldOutAccuracyCallback
-from .math_eval import GenerationSettings, evaluate_rows, majority, write_outputs
+from .math_eval import GenerationSettings, evaluate_rows, evaluate_search, majority, write_outputs
 
-__all__ = ["GenerationSettings", "HeldOutAccuracyCallback", "evaluate_rows", "majority", "write_outputs"]
+__all__ = ["GenerationSettings", "HeldOutAccuracyCallback", "evaluate_rows", "evaluate_search", "majority",
+           "write_outputs"]

@@ -6,6 +6,10 @@ evaluation with ``k`` samples per problem, ``pass@k`` is 1 when any sample is ri
 unbiased estimator reduces to this), ``pass@1(sampled)`` is the mean over samples, and ``maj@k``
 takes the most common extracted answer (answers that compare equal as numbers are pooled; ties go to
 the answer seen first) and checks it.
+
+Value-guided search (:func:`evaluate_search`, ``rlkit eval --decoder value_search``) judges the one solution
+:func:`rlkit.rollout.search.value_guided_search` returns per problem, as greedy evaluation judges its
+completion, and keeps the search trace in each record.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from rlkit_rewards.text import extract_answer, parse_number
 
 from ..rollout import GenerationSettings, generate_texts, render_prompts
 
-__all__ = ["GenerationSettings", "evaluate_rows", "judge", "majority", "render_prompts", "write_outputs"]
+__all__ = ["GenerationSettings", "evaluate_rows", "evaluate_search", "judge", "majority", "render_prompts",
+           "write_outputs"]
 
 
 def _same(a: str, b: str) -> bool:
@@ -90,6 +95,43 @@ def evaluate_rows(model, tokenizer, rows: list[dict], settings: GenerationSettin
         summary.update({f"pass@{samples}": any_ok / n, f"maj@{samples}": maj_ok / n, "pass@1(sampled)": mean_ok / n,
                         "samples": samples, "temperature": settings.temperature})
     summary["unparseable"] = sum(r["extracted"] is None for r in records) / max(1, len(records))
+    summary["seconds"] = round(time.time() - t0, 2)
+    return summary, records
+
+
+def evaluate_search(model, tokenizer, rows: list[dict], scorer, settings=None,
+                    progress: bool = True) -> tuple[dict, list[dict]]:
+    """Evaluate ``rows`` (``prompt``, ``answer``) with value-guided step-level beam search steered by ``scorer``
+    (``settings``: a ``SearchSettings``). ``pass@1`` judges the returned solution; each record's ``search``
+    field holds the trace and counters (see ``docs/methods/value_search.md``)."""
+    from ..rollout.search import SearchSettings, value_guided_search
+
+    settings = settings or SearchSettings()
+    t0 = time.time()
+    prompts = render_prompts([r["prompt"] for r in rows], tokenizer)
+    results = value_guided_search(model, tokenizer, prompts, scorer, settings, progress=progress)
+    records = []
+    for row, res in zip(rows, results):
+        pred, ok = judge(res.text, row["answer"])
+        records.append({"question": row.get("question"), "gold": row["answer"], "completion": res.text,
+                        "extracted": pred, "correct": ok, "score": res.score,
+                        "search": {"score": res.score, "finished": res.finished, "finish_reason": res.finish_reason,
+                                   "rounds": res.rounds, "sampled_steps": res.sampled_steps,
+                                   "generated_tokens": res.generated_tokens, "steps": res.steps,
+                                   "trace": res.trace}})
+    n = max(1, len(rows))
+    summary: dict[str, Any] = {
+        "n": len(rows), "pass@1": sum(r["correct"] for r in records) / n, "decoder": "value_search",
+        "beams": settings.beams, "expansions": settings.n_expansions, "max_rounds": settings.max_rounds,
+        "step_stops": list(settings.stop), "max_step_tokens": settings.max_step_tokens,
+        "max_total_tokens": settings.max_total_tokens, "temperature": settings.temperature,
+        "top_p": settings.top_p, "top_k": settings.top_k, "seed": settings.seed, "add_eos": settings.add_eos,
+        "mean_rounds": sum(r.rounds for r in results) / n,
+        "mean_sampled_steps": sum(r.sampled_steps for r in results) / n,
+        "mean_generated_tokens": sum(r.generated_tokens for r in results) / n,
+        "finished": sum(r.finished for r in results) / n,
+    }
+    summary["unparseable"] = sum(r["extracted"] is None for r in records) / n
     summary["seconds"] = round(time.time() - t0, 2)
     return summary, records
 

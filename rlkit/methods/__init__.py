@@ -25,6 +25,8 @@ _BUILTIN: dict[str, str] = {
     "pretrain": "rlkit.methods.pretrain",
     "sample": "rlkit.methods.sample",
     "pear": "rlkit.methods.pear",
+    "dpo": "rlkit.methods.dpo",
+    "oreo": "rlkit.methods.oreo.trainer",
 }
 _METHODS: dict[str, type[Method]] = {}
 

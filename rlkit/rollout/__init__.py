@@ -1,6 +1,7 @@
-"""Rollout: the one generation layer (HF ``generate`` with KV-cache compression, and vLLM), step segmentation
-and the step-scorer protocol. Evaluation, teachers, the ``sample`` stage and decoders generate through here.
-Submodules load on first use (``rlkit.rollout.generation`` imports torch; recipes only need the settings).
+"""Rollout: the one generation layer (HF ``generate`` with KV-cache compression, and vLLM), step segmentation,
+the step-scorer protocol and value-guided step-level beam search (:mod:`.search`). Evaluation, teachers, the
+``sample`` stage and decoders generate through here. Submodules load on first use (``rlkit.rollout.generation``
+imports torch; recipes only need the settings).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ _EXPORTS = {
     "BACKENDS": "generation", "Completion": "generation", "GenerationSettings": "generation",
     "compressed_generate": "generation", "generate": "generation", "generate_hf": "generation",
     "generate_texts": "generation", "render_prompts": "generation", "seeded": "generation",
+    "ConstantScorer": "search", "FunctionScorer": "search", "STEP_STOPS": "search", "SearchResult": "search",
+    "SearchSettings": "search", "as_text_scorer": "search", "step_stops": "search", "value_guided_search": "search",
     "SPLITTERS": "steps", "StepScorer": "steps", "split_steps": "steps",
     "VLLMSettings": "settings",
 }
