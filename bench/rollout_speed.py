@@ -4,7 +4,8 @@
    vLLM's offline engine at batch 1, 16 and 64, every completion forced to the same length (HF
    ``min_new_tokens``, vLLM ``ignore_eos``) so both produce the same number of tokens; greedy; float32 on CPU.
    Ratio = vLLM tokens/s over HF tokens/s measured in the same run (medians of the repeats).
-2. GRPO step time with HF generate vs vLLM colocate, same recipe (the SmolLM2 GSM8K smoke recipe: 4 prompts x
+2. GRPO step time with HF generate vs vLLM colocate (and vLLM colocate without TRL's importance-sampling
+   correction, whose extra forward pass per step is the main cost besides generation), same recipe (the SmolLM2 GSM8K smoke recipe: 4 prompts x
    4 completions), through rlkit's trainer, in this process: the median TRL ``step_time`` after the first
    step, and where it goes (generation, weight sync, the stale-weights probe, the rest: reward scoring,
    log-probabilities and the optimizer step).
@@ -79,8 +80,10 @@ def time_vllm(llm, prompts: list[str], tokens: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def grpo_run(model_name: str, use_vllm: bool, steps: int, completion: int, out: Path) -> dict:
-    """Train ``steps`` GRPO steps of the smoke recipe in this process; step times and where they go."""
+def grpo_run(model_name: str, use_vllm: bool, steps: int, completion: int, out: Path,
+             extra: tuple[str, ...] = ()) -> dict:
+    """Train ``steps`` GRPO steps of the smoke recipe in this process; step times and where they go.
+    ``extra``: more recipe overrides."""
     from rlkit.methods import RunContext, get_method
     from rlkit.models import load_model
     from rlkit.recipe import load_recipe, resolve_runs
@@ -91,6 +94,7 @@ def grpo_run(model_name: str, use_vllm: bool, steps: int, completion: int, out: 
                  "vllm.max_model_len=1024"]
     if use_vllm:
         overrides += ["trainer.use_vllm=true", "trainer.vllm_mode=colocate", "trainer.vllm_max_model_length=1024"]
+    overrides += list(extra)
     (run,) = resolve_runs(load_recipe(ROOT / "recipes" / "smoke" / "smollm2_gsm8k_cpu.yaml", overrides))
     method = get_method("grpo")
     model, tok = load_model(run.model, seed=run.seed)
@@ -178,7 +182,13 @@ def main(argv=None) -> int:
         out = Path(args.out or ROOT / "runs" / "bench_rollout_speed")
         hf = grpo_run(args.model, False, preset["steps"], preset["completion"], out / "hf")
         vl = grpo_run(args.model, True, preset["steps"], preset["completion"], out / "colocate")
-        for name, r in (("HF generate", hf), ("vLLM colocate", vl)):
+        # With vLLM, TRL recomputes the policy's log-probs of every completion (one more forward pass per step) to
+        # correct the sampler/trainer mismatch by importance sampling; the HF path reuses the training forward.
+        # On the CPU build in float32 the mismatch is ~1e-5 (the sync probe), so the same run without it shows
+        # what that pass costs.
+        no_is = grpo_run(args.model, True, preset["steps"], preset["completion"], out / "colocate_no_is",
+                         ("trainer.vllm_importance_sampling_correction=false",))
+        for name, r in (("HF generate", hf), ("vLLM colocate", vl), ("vLLM colocate, no IS correction", no_is)):
             print(f"GRPO {name}: median step {r['step_s']:.2f} s over {r['steps']} steps; of {r['total_s']:.1f} s: "
                   f"generation {r['generate_s']:.1f} s, weight sync + probe {r['sync_s']:.1f} s"
                   + (f" (probe median {r['probe_ms']:.0f} ms)" if r["probe_ms"] else "")
@@ -186,7 +196,9 @@ def main(argv=None) -> int:
         figures.update(grpo_hf_step_s=hf["step_s"], grpo_colocate_step_s=vl["step_s"],
                        grpo_step_ratio_colocate=vl["step_s"] / hf["step_s"], sync_probe_ms=vl["probe_ms"] or 0.0,
                        colocate_generate_share=vl["generate_share"], hf_generate_share=hf["generate_share"],
-                       colocate_sync_s=vl["sync_s"], colocate_init_s=vl["init_s"])
+                       colocate_sync_s=vl["sync_s"], colocate_init_s=vl["init_s"],
+                       grpo_colocate_no_is_step_s=no_is["step_s"],
+                       grpo_step_ratio_colocate_no_is=no_is["step_s"] / hf["step_s"])
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "rollout_speed.json").write_text(json.dumps(figures, indent=2) + "\n")

@@ -146,3 +146,19 @@ def test_kv_cache_smoke(repo_root, data_dir, tmp_path, monkeypatch):
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["gsm8k"]) == {"none", "polarquant", "think"} and results["gsm8k"]["none"]["summary"]["n"] == 4
     assert set(results["retrieval"]) == {"none", "polarquant", "think", "both"}
+
+
+def test_oreo_smoke(repo_root, tmp_path):
+    """bench/oreo.py --smoke runs every stage (SFT, sample, RS, DPO, OREO token and step level) and every
+    decoder (greedy, majority, value search, constant-scorer search) on the synthetic task."""
+    out, res = _run_bench(repo_root, "oreo.py", "--smoke", "--jobs", "1", "--out", str(tmp_path))
+    keys = ("acc_sft", "acc_rs", "acc_dpo", "acc_oreo", "acc_oreo_step", "acc_greedy", "acc_majority",
+            "acc_value_search", "acc_const_search")
+    for key in keys:
+        assert key in res and 0 <= float(res[key]) <= 1, res
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["accuracy"]["0"]) == {"sft", "rs", "dpo", "oreo", "oreo_step"}
+    assert (tmp_path / "seed0" / "oreo" / "final" / "critic" / "value_model.json").is_file()
+    assert (tmp_path / "seed0" / "dpo" / "pairs.jsonl").stat().st_size > 0
+    search = results["decoders"]["0"]["value_search_b2"]
+    assert search["sampled_steps"] > 0 and search["rounds"] >= 1
