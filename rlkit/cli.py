@@ -39,18 +39,22 @@ def cmd_recipes(args) -> int:
     return 0
 
 
-def kv_cache_config(kind: str, options: list[str]):
-    """``KVCacheConfig`` from ``--kv-cache KIND`` and ``--kv-option key=value`` items (values parsed as YAML)."""
-    from .kvcache import KVCacheConfig
-    from .config import build
-
-    fields = {"kind": kind}
+def _key_values(fields: dict, options: list[str] | None, flag: str, example: str) -> dict:
+    """``fields`` plus ``key=value`` items of a repeated CLI option (values parsed as YAML)."""
     for item in options or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"rlkit eval: --kv-option {item!r} must look like key=value, e.g. pruning_ratio=0.5")
+            raise SystemExit(f"rlkit eval: {flag} {item!r} must look like key=value, e.g. {example}")
         fields[key.strip()] = yaml.safe_load(value)
-    return build(KVCacheConfig, fields, "--kv-cache")
+    return fields
+
+
+def kv_cache_config(kind: str, options: list[str]):
+    """``KVCacheConfig`` from ``--kv-cache KIND`` and ``--kv-option key=value`` items (values parsed as YAML)."""
+    from .config import build
+    from .kvcache import KVCacheConfig
+
+    return build(KVCacheConfig, _key_values({"kind": kind}, options, "--kv-option", "pruning_ratio=0.5"), "--kv-cache")
 
 
 def vllm_settings(dtype: str, options: list[str]):
@@ -58,13 +62,8 @@ def vllm_settings(dtype: str, options: list[str]):
     from .config import build
     from .rollout.settings import VLLMSettings
 
-    fields = {"dtype": dtype}
-    for item in options or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"rlkit eval: --vllm-option {item!r} must look like key=value, e.g. max_model_len=2048")
-        fields[key.strip()] = yaml.safe_load(value)
-    return build(VLLMSettings, fields, "--vllm-option")
+    return build(VLLMSettings, _key_values({"dtype": dtype}, options, "--vllm-option", "max_model_len=2048"),
+                 "--vllm-option")
 
 
 def search_settings(args):

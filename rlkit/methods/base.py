@@ -203,13 +203,18 @@ class TrainerMethod(Method):
         """The trainer for this run (the one hook a trainer method writes)."""
         raise NotImplementedError
 
+    def finish(self, trainer: Any, ctx: RunContext) -> StageOutput:
+        """Save what the trained run hands on (default: the model in ``final/``); a method that trains more
+        than one model (OREO's policy and critic) overrides this."""
+        return StageOutput(model=save_final(trainer, ctx.tokenizer, ctx.final_dir))
+
     def run(self, run: Any, ctx: RunContext) -> StageOutput:
         try:
             args = self.make_config(run)
             trainer = self.build_trainer(run, ctx, args)
             ctx.trainer = trainer
             trainer.train(resume_from_checkpoint=ctx.resume)
-            return StageOutput(model=save_final(trainer, ctx.tokenizer, ctx.final_dir))
+            return self.finish(trainer, ctx)
         finally:
             ctx.close()
 

@@ -501,21 +501,15 @@ class OREOMethod(TrainerMethod):
                            processing_class=ctx.tokenizer, ref_model=ref_model, critic=critic,
                            callbacks=ctx.callbacks, info=info)
 
-    def run(self, run: Any, ctx: Any) -> StageOutput:
-        try:
-            args = self.make_config(run)
-            trainer = self.build_trainer(run, ctx, args)
-            ctx.trainer = trainer
-            trainer.train(resume_from_checkpoint=ctx.resume)
-            final = Path(ctx.final_dir)
-            state_dict = None
-            if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
-                state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-            if trainer.accelerator.is_main_process:
-                trainer.save_parts(final, state_dict=state_dict, with_args=False)
-                (final / DONE_MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
-            trainer.accelerator.wait_for_everyone()
-            return StageOutput(model=str(final), summary={"oreo": {**getattr(self, "_counts", {}),
-                                                                   "critic": str(final / CRITIC_DIR)}})
-        finally:
-            ctx.close()
+    def finish(self, trainer: OREOTrainer, ctx: Any) -> StageOutput:
+        """The policy in ``final/`` (as every trainer stage), the critic in ``final/critic/``, ``oreo.json``."""
+        final = Path(ctx.final_dir)
+        state_dict = None
+        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+            state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        if trainer.accelerator.is_main_process:
+            trainer.save_parts(final, state_dict=state_dict, with_args=False)
+            (final / DONE_MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        trainer.accelerator.wait_for_everyone()
+        return StageOutput(model=str(final), summary={"oreo": {**getattr(self, "_counts", {}),
+                                                               "critic": str(final / CRITIC_DIR)}})
