@@ -232,7 +232,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="value_search: strings that end a step: a preset (gsm8k: \\n; math: \\n, '. ', '.$ ') or "
                         "literal strings with backslash escapes (default: math for MATH-style benchmarks, else gsm8k)")
     e.add_argument("--add-eos", action="store_true",
-                   help="value_search: score finished candidates on solution + ' ' + EOS, as OREO's critic was trained")
+                   help="value_search: score finished candidates with EOS appended (the released search script's "
+                        "option; off by default: in OREO's layout that position is the untrained terminal state)")
     e.add_argument("--seed", type=int, default=0, help="value_search: sampling seed")
     e.set_defaults(func=cmd_eval)
 
