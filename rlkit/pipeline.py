@@ -256,7 +256,7 @@ def run_one(run: RunSpec, resume: Any = None, fingerprint: str | None = None) ->
     summary: dict[str, Any] = {"stage": run.name, "method": run.method, "model": run.model.name,
                                "data": {"train": run.data.train.name}}
     eval_rows = None
-    evaluate = method.trains and run.eval.enabled and ctx.model is not None
+    evaluate = method.trains and method.evaluates_policy and run.eval.enabled and ctx.model is not None
     settings = GenerationSettings(max_new_tokens=run.eval.max_new_tokens, batch_size=run.eval.batch_size,
                                   temperature=run.eval.temperature, kv_cache=run.kv_cache)
     if evaluate:

@@ -27,6 +27,7 @@ _BUILTIN: dict[str, str] = {
     "pear": "rlkit.methods.pear",
     "dpo": "rlkit.methods.dpo",
     "oreo": "rlkit.methods.oreo.trainer",
+    "prm": "rlkit.methods.prm.trainer",
 }
 _METHODS: dict[str, type[Method]] = {}
 

@@ -91,6 +91,9 @@ class Method:
     loads_model: ClassVar[bool] = True
     trains: ClassVar[bool] = False
     rewards: ClassVar[str] = "none"
+    evaluates_policy: ClassVar[bool] = True
+    """Whether the recipe's held-out accuracy evaluation applies to the model a training stage writes (False
+    for reward models: a PRM is not a policy)."""
     outputs: ClassVar[tuple[str, ...]] = ()
     config: ClassVar[type | None] = None
     """The config dataclass; a method may instead override :meth:`config_class` to import it lazily."""
