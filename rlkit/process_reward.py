@@ -315,3 +315,39 @@ def load_step_scorer(path: str | Path, tokenizer: Any = None, dtype: str | None 
         return vm.eval()
     raise ModelError(f"{path} is neither a process reward model (a `method: prm` stage's final/) nor a value model "
                      "(an OREO stage's final/critic)")
+
+
+class PRMReward:
+    """A saved PRM (or ORM) as a GRPO / StepHint reward function with TRL's signature (recipe:
+    ``rewards: [{name: prm, options: {path: DIR}}]``): the completion is split with the PRM's splitter and scored
+    ``aggregate`` (default: the PRM's own, min) over its steps, in [0, 1].
+
+    A model-based reward: it runs in the trainer's process (on the GPU when there is one), batched, never in the
+    reward engine's worker processes (``in_process``); the model loads on the first call. Chat prompts are
+    rendered with the PRM's tokenizer's chat template and chat completions reduced to their text."""
+
+    in_process = True
+
+    def __init__(self, path: str, aggregate: str | None = None, batch_size: int = 16, dtype: str = "auto"):
+        if aggregate is not None and aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+        self.path, self.aggregate, self.batch_size, self.dtype = str(path), aggregate, int(batch_size), dtype
+        self.__name__ = "prm"
+        self._prm: ProcessRewardModel | None = None
+
+    def _model(self) -> ProcessRewardModel:
+        if self._prm is None:
+            scorer = load_step_scorer(self.path, dtype=self.dtype)
+            if not isinstance(scorer, ProcessRewardModel):
+                raise ValueError(f"reward prm: {self.path} is a value model, not a PRM/ORM")
+            scorer.batch_size = self.batch_size
+            self._prm = scorer
+        return self._prm
+
+    def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float]:
+        prm = self._model()
+        texts_p = [p if isinstance(p, str) else prm.tokenizer.apply_chat_template(p, tokenize=False,
+                                                                                  add_generation_prompt=True)
+                   for p in prompts]
+        texts_c = [c if isinstance(c, str) else "".join(m.get("content", "") for m in c) for c in completions]
+        return prm.solution_scores(texts_p, [prm.split(c) for c in texts_c], self.aggregate)

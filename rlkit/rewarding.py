@@ -20,8 +20,33 @@ from typing import Any, Sequence
 
 from .config import RecipeError
 
-__all__ = ["check_rewards", "build_reward_funcs", "reward_weights_of", "answer_check_for", "make_reward_engine",
-           "score", "ScoredBatch"]
+__all__ = ["MODEL_REWARDS", "check_rewards", "build_reward_funcs", "reward_weights_of", "answer_check_for",
+           "make_reward_engine", "score", "score_mixed", "ScoredBatch"]
+
+MODEL_REWARDS = {"prm": ("rlkit.process_reward", "PRMReward")}
+"""Model-based rewards (they load a model, so they live in rlkit, not in the light ``rlkit_rewards``): name ->
+(module, class). They run in the trainer's process (``in_process``), never in the engine's workers."""
+
+
+def _check_model_reward(name: str, options: dict) -> None:
+    import importlib
+    import inspect
+
+    module, cls = MODEL_REWARDS[name]
+    params = inspect.signature(getattr(importlib.import_module(module), cls)).parameters
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise ValueError(f"reward {name!r} has no option {unknown[0]!r} (options: {', '.join(params)})")
+    missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in options]
+    if missing:
+        raise ValueError(f"reward {name!r} needs option {missing[0]!r} (e.g. options: {{path: <prm run>/final}})")
+    if name == "prm" and options.get("aggregate") not in (None, "min", "last", "mean", "product"):
+        raise ValueError(f"reward prm: aggregate must be min, last, mean or product, got {options['aggregate']!r}")
+
+
+def is_in_process(func: Any) -> bool:
+    """Whether a reward function must run in this process (a model-based reward), not in the engine."""
+    return bool(getattr(func, "in_process", False))
 
 
 def check_rewards(specs: Sequence[Any], prefix: str = "", required: bool = False, method: str = "") -> None:
@@ -35,7 +60,10 @@ def check_rewards(specs: Sequence[Any], prefix: str = "", required: bool = False
         if not math.isfinite(r.weight):
             raise RecipeError(f"{prefix}rewards[{i}].weight: must be a finite number, got {r.weight}")
         try:
-            rlkit_rewards.check(r.name, **r.options)
+            if r.name in MODEL_REWARDS:
+                _check_model_reward(r.name, dict(r.options))
+            else:
+                rlkit_rewards.check(r.name, **r.options)
         except (ValueError, TypeError) as e:
             msg = str(e).splitlines()[0]
             field = "name" if msg.startswith("unknown reward") else "options"
@@ -49,7 +77,13 @@ def build_reward_funcs(specs: Sequence[Any]) -> list:
     funcs = []
     for i, r in enumerate(specs):
         try:
-            funcs.append(rlkit_rewards.get(r.name, **r.options))
+            if r.name in MODEL_REWARDS:
+                import importlib
+
+                module, cls = MODEL_REWARDS[r.name]
+                funcs.append(getattr(importlib.import_module(module), cls)(**r.options))
+            else:
+                funcs.append(rlkit_rewards.get(r.name, **r.options))
         except (ValueError, TypeError) as e:
             raise RecipeError(f"rewards[{i}]: {e}") from None
     return funcs
@@ -66,7 +100,9 @@ def answer_check_for(specs: Sequence[Any]) -> str | None:
     """The engine's answer check for these rewards: ``"math"`` when the first scores a math answer, else None."""
     import rlkit_rewards
 
-    return rlkit_rewards.answer_format(specs[0].name) if specs else None
+    if not specs or specs[0].name in MODEL_REWARDS:
+        return None
+    return rlkit_rewards.answer_format(specs[0].name)
 
 
 def make_reward_engine(engine_spec: Any, reward_specs: Sequence[Any] = ()) -> Any:
@@ -103,7 +139,8 @@ def score(engine: Any, funcs: list, weights: Sequence[float], prompts: list, com
     deadline; statuses from the first function and ``answer_check``, as the engine computes them)."""
     columns = columns or {}
     if engine is not None:
-        per_func, status = engine.score(funcs, prompts, completions, completion_ids, columns, kwargs=kwargs)
+        per_func, status = score_mixed(engine, funcs, prompts, completions, completion_ids, columns, kwargs,
+                                       answer_check)
         return ScoredBatch(per_func, weights, status)
     from rlkit_rewards.engine import _has_answer
 
@@ -119,3 +156,33 @@ def score(engine: Any, funcs: list, weights: Sequence[float], prompts: list, com
         else:
             status.append("wrong" if _has_answer(answer_check, completions[i]) else "unparseable")
     return ScoredBatch(per_func, weights, status)
+
+
+def score_mixed(engine: Any, funcs: list, prompts: list, completions: list, completion_ids: list | None,
+                columns: dict, kwargs: dict | None = None, answer_check: Any = "math") -> tuple[list[list[float]], list[str]]:
+    """``engine.score`` for the light reward functions and this process for the model-based ones
+    (:func:`is_in_process`), merged back in the functions' order: ``(per_func, status)``. The status comes from
+    the engine when it scored any function, else from the first function's score and ``answer_check``."""
+    local = [i for i, f in enumerate(funcs) if is_in_process(f)]
+    if not local:
+        return engine.score(funcs, prompts, completions, completion_ids, columns, kwargs=kwargs)
+    remote = [i for i in range(len(funcs)) if i not in local]
+    per_func = [[math.nan] * len(funcs) for _ in completions]
+    status = None
+    if remote:
+        part, status = engine.score([funcs[i] for i in remote], prompts, completions, completion_ids, columns,
+                                    kwargs=kwargs)
+        for row, vals in zip(per_func, part):
+            for i, v in zip(remote, vals):
+                row[i] = v
+    extra = {"completion_ids": completion_ids} if completion_ids is not None else {}
+    for i in local:
+        values = funcs[i](prompts=prompts, completions=completions, **extra, **columns, **(kwargs or {}))
+        for row, v in zip(per_func, values):
+            row[i] = math.nan if v is None else float(v)
+    if status is None:
+        from rlkit_rewards.engine import _has_answer
+
+        status = ["ok" if row[0] > 0 else ("wrong" if _has_answer(answer_check, c) else "unparseable")
+                  for row, c in zip(per_func, completions)]
+    return per_func, status

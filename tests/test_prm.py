@@ -197,3 +197,99 @@ def test_prm_refuses_a_benchmark_as_training_data():
            "data": {"train": {"name": "synthetic"}}, "trainer": {"max_steps": 1}}
     with pytest.raises(RecipeError, match="labelled rows"):
         recipe_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def saved_prm(tiny, tmp_path_factory):
+    """A tiny PRM trained for a few steps on the fixture rows, saved."""
+    from rlkit.methods.prm.trainer import PRMTrainer
+
+    lm, tok = tiny
+    out = tmp_path_factory.mktemp("prm")
+    trainer = PRMTrainer(model=copy.deepcopy(lm), args=_args(out, max_steps=30), train_dataset=ROWS,
+                         processing_class=tok)
+    trainer.train()
+    trainer.save_model(str(out / "final"))
+    return out / "final"
+
+
+def test_prm_reward_option_errors_are_one_line():
+    from rlkit.config import RecipeError
+    from rlkit.rewarding import check_rewards
+    from rlkit.recipe import RewardSpec
+
+    with pytest.raises(RecipeError, match=r"rewards\[0\].options: reward 'prm' needs option 'path'"):
+        check_rewards([RewardSpec(name="prm")])
+    with pytest.raises(RecipeError, match="has no option 'bogus'"):
+        check_rewards([RewardSpec(name="prm", options={"path": "x", "bogus": 1})])
+    with pytest.raises(RecipeError, match="aggregate must be"):
+        check_rewards([RewardSpec(name="prm", options={"path": "x", "aggregate": "max"})])
+
+
+def test_prm_reward_scores_in_process_beside_the_engine(saved_prm):
+    from rlkit.process_reward import PRMReward
+    from rlkit.rewarding import build_reward_funcs, make_reward_engine, score_mixed
+    from rlkit.recipe import RewardEngineSpec, RewardSpec
+
+    specs = [RewardSpec(name="math_accuracy"), RewardSpec(name="prm", options={"path": str(saved_prm)})]
+    funcs = build_reward_funcs(specs)
+    assert isinstance(funcs[1], PRMReward) and funcs[1].__name__ == "prm"
+    engine = make_reward_engine(RewardEngineSpec(num_workers=1), specs)
+    try:
+        rows = ROWS[:4]
+        per_func, status = score_mixed(engine, funcs, [r["prompt"] for r in rows], [r["completion"] for r in rows],
+                                       None, {"answer": [r["answer"] for r in rows]})
+    finally:
+        engine.close()
+    prm = load_step_scorer(saved_prm)
+    expected = prm.solution_scores([r["prompt"] for r in rows], [prm.split(r["completion"]) for r in rows])
+    assert [p[1] for p in per_func] == pytest.approx(expected, abs=1e-6)
+    assert [p[0] for p in per_func] == [float(r["correct"]) for r in rows]
+    assert status == ["ok" if r["correct"] else "wrong" for r in rows]
+
+
+def test_grpo_trains_with_a_prm_reward(saved_prm, tmp_path):
+    from rlkit.pipeline import run_recipe
+    from rlkit.recipe import recipe_from_dict
+
+    raw = {"method": "grpo", "seed": 0, "plot": False, "output_dir": str(tmp_path / "grpo"),
+           "model": {"name": str(saved_prm)},
+           "data": {"train": {"name": "synthetic", "split": "train", "template": "plain", "limit": 8,
+                              "synthetic": {"num_train": 16, "num_test": 4}}},
+           "rewards": [{"name": "math_accuracy"}, {"name": "prm", "options": {"path": str(saved_prm)}}],
+           "reward_engine": {"num_workers": 1},
+           "trainer": {"max_steps": 1, "per_device_train_batch_size": 4, "num_generations": 4,
+                       "max_completion_length": 8, "beta": 0.0, "logging_steps": 1, "save_strategy": "no",
+                       "dataloader_num_workers": 0}}
+    run_recipe(recipe_from_dict(raw))
+    history = json.loads((tmp_path / "grpo" / "log_history.json").read_text())
+    logged = {k for h in history for k in h}
+    assert "rewards/prm/mean" in logged and "rewards/math_accuracy_reward/mean" in logged
+
+
+def test_select_keeps_the_best_scored_completion_per_prompt(saved_prm, tmp_path):
+    from rlkit.methods.select import group_best
+    from rlkit.pipeline import run_recipe
+    from rlkit.recipe import recipe_from_dict
+
+    assert group_best([{"g": 0}, {"g": 0}, {"g": 1}, {"g": 1}], [0.2, 0.7, 0.5, 0.5], 1, "g") == [(1, 0), (2, 0)]
+    assert group_best([{"g": 0}, {"g": 0}], [0.2, 0.7], 2, "g", min_score=0.5) == [(1, 0)]
+    rows = [dict(r, prompt_index=i // 3) for i, r in enumerate(ROWS)]
+    data = tmp_path / "samples.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {"method": "select", "seed": 0, "plot": False, "output_dir": str(tmp_path / "sel"),
+           "model": {"name": "tiny", "tiny": TINY}, "data": {"train": {"name": f"jsonl:{data}"}},
+           "args": {"scorer": str(saved_prm)}}
+    summary = run_recipe(recipe_from_dict(raw))[0]
+    kept = [json.loads(x) for x in (tmp_path / "sel" / "selected.jsonl").read_text().splitlines()]
+    assert len(kept) == len(ROWS) // 3 and summary["kept"] == len(kept)
+    prm = load_step_scorer(saved_prm)
+    for k in kept:
+        group = [r for r in rows if r["prompt_index"] == k["prompt_index"]]
+        scores = prm.solution_scores([r["prompt"] for r in group], [r["steps"] for r in group])
+        assert k["score"] == pytest.approx(max(scores), abs=1e-6)
+        assert k["step_scores"] == pytest.approx(prm.score(k["prompt"], k["steps"]), abs=1e-6)
+    from rlkit.config import RecipeError
+
+    with pytest.raises(RecipeError, match="needs `scorer: DIR`"):
+        recipe_from_dict(dict(raw, args={}))

@@ -28,6 +28,8 @@ _BUILTIN: dict[str, str] = {
     "dpo": "rlkit.methods.dpo",
     "oreo": "rlkit.methods.oreo.trainer",
     "prm": "rlkit.methods.prm.trainer",
+    "prm_label": "rlkit.methods.prm.labels",
+    "select": "rlkit.methods.select",
 }
 _METHODS: dict[str, type[Method]] = {}
 

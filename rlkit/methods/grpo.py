@@ -36,7 +36,7 @@ from rlkit_rewards.engine import STATUSES, light_trainer_state
 from trl import GRPOConfig, GRPOTrainer
 
 from ..config import RecipeError
-from ..rewarding import build_reward_funcs, make_reward_engine, reward_weights_of
+from ..rewarding import build_reward_funcs, make_reward_engine, reward_weights_of, score_mixed
 from . import register_method
 from .aux_loss import AuxLossMixin
 from .base import TrainerMethod
@@ -165,8 +165,8 @@ class RLKitGRPOTrainer(AuxLossMixin, GRPOTrainer):
             columns["is_eval"] = [True] * len(prompts)  # rewards that add noise (``noisy``) never do so in eval
         # TRL passes ``trainer_state=self.state`` to reward functions. The engine ships it to worker
         # processes, so send a light copy (the real one carries the whole log history).
-        scores, statuses = self.reward_engine.score(
-            self.reward_funcs, prompts, completions, completion_ids_list, columns,
+        scores, statuses = score_mixed(  # model-based rewards (a PRM) run here, the others in the engine
+            self.reward_engine, self.reward_funcs, prompts, completions, completion_ids_list, columns,
             kwargs={"trainer_state": light_trainer_state(self.state)},
         )
         rewards = torch.tensor(scores, dtype=torch.float32, device=device).view(len(prompts), len(self.reward_funcs))
