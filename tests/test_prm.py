@@ -289,7 +289,11 @@ def test_select_keeps_the_best_scored_completion_per_prompt(saved_prm, tmp_path)
         scores = prm.solution_scores([r["prompt"] for r in group], [r["steps"] for r in group])
         assert k["score"] == pytest.approx(max(scores), abs=1e-6)
         assert k["step_scores"] == pytest.approx(prm.score(k["prompt"], k["steps"]), abs=1e-6)
-    from rlkit.config import RecipeError
+    # the stage's own model as the scorer (model: {from: prm} in a recipe); a policy there is refused
+    raw2 = dict(raw, output_dir=str(tmp_path / "sel2"), model={"name": str(saved_prm)}, args={})
+    run_recipe(recipe_from_dict(raw2))
+    assert (tmp_path / "sel2" / "selected.jsonl").read_text() == (tmp_path / "sel" / "selected.jsonl").read_text()
+    from rlkit.models import ModelError
 
-    with pytest.raises(RecipeError, match="needs `scorer: DIR`"):
-        recipe_from_dict(dict(raw, args={}))
+    with pytest.raises(ModelError, match="select: .*neither a process reward model"):
+        run_recipe(recipe_from_dict(dict(raw, output_dir=str(tmp_path / "sel3"), args={})))

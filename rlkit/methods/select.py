@@ -5,8 +5,9 @@ sample N responses per prompt (a ``sample`` stage), keep the one the PRM scores 
 fine-tune on the kept ones (an ``sft`` stage on ``{from: select, dataset: selected}``), and repeat. This stage
 is the middle step. It scores every row of ``data.train`` with
 
-- ``by: scorer`` (default): the reward model saved at ``scorer`` (a ``method: prm`` run's ``final/``, PRM or
-  ORM, or an OREO critic): a PRM's solution score is its step scores aggregated (``aggregate``; default the
+- ``by: scorer`` (default): the reward model saved at ``scorer``, or, when that is unset, the stage's own model
+  (``model: {from: prm}`` names a PRM stage of the same recipe): a ``method: prm`` run's ``final/`` (PRM or
+  ORM) or an OREO critic; a PRM's solution score is its step scores aggregated (``aggregate``; default the
   PRM's own, min); steps are the row's ``steps`` column when present, else the completion split with the PRM's
   splitter;
 - ``by: reward``: the row's ``reward`` (the sample stage's verifier score: plain rejection sampling);
@@ -39,7 +40,8 @@ class SelectConfig:
     by: Literal["scorer", "reward"] = "scorer"
     """scorer: a saved reward model's score; reward: the rows' own ``reward`` column."""
     scorer: str | None = None
-    """Folder of a saved PRM / ORM (``method: prm`` final/) or OREO critic (``final/critic``), for by: scorer."""
+    """Folder of a saved PRM / ORM (``method: prm`` final/) or OREO critic (``final/critic``), for by: scorer
+    (None: the stage's own model, e.g. ``model: {from: prm}``)."""
     aggregate: Literal["min", "last", "mean", "product"] | None = None
     """How a PRM's step scores make a solution score (None: the PRM's own default, min as the released code)."""
     keep: int = 1
@@ -54,9 +56,6 @@ class SelectConfig:
     """dtype the scorer loads in."""
 
     def __post_init__(self):
-        if self.by == "scorer" and not self.scorer:
-            raise ValueError("by: scorer needs `scorer: DIR` (a saved PRM/ORM, e.g. <prm run>/final, or an OREO "
-                             "critic); or set by: reward")
         if self.by == "reward" and self.scorer:
             raise ValueError("`scorer` is only used with by: scorer")
         if self.keep < 1 or self.batch_size < 1:
@@ -115,7 +114,13 @@ class SelectMethod(Method):
         else:
             from ..process_reward import ProcessRewardModel, aggregate_scores, load_step_scorer
 
-            scorer = load_step_scorer(config.scorer, dtype=config.dtype)
+            path = config.scorer or ctx.model_path
+            from ..models import ModelError
+
+            try:
+                scorer = load_step_scorer(path, dtype=config.dtype)
+            except ModelError as e:
+                raise ModelError(f"select: {e}; set args.scorer or the stage's model: {{from: <prm stage>}}") from None
             scores = []
             bar = tqdm(total=len(rows), desc="select: score", unit="row")
             for start in range(0, len(rows), config.batch_size):
@@ -146,7 +151,8 @@ class SelectMethod(Method):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         tmp.replace(path)
         ok = [rows[i].get("status") == "ok" for i, _ in kept if "status" in rows[i]]
-        summary = {"rows": len(rows), "kept": len(kept), "by": config.by, "scorer": config.scorer,
+        summary = {"rows": len(rows), "kept": len(kept), "by": config.by,
+                   "scorer": (config.scorer or ctx.model_path) if config.by == "scorer" else None,
                    "kept_ok_rate": round(sum(ok) / len(ok), 4) if ok else None,
                    "all_ok_rate": round(sum(r.get("status") == "ok" for r in rows) / len(rows), 4)
                    if "status" in rows[0] else None}
