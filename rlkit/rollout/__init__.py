@@ -1,7 +1,7 @@
 """Rollout: the one generation layer (HF ``generate`` with KV-cache compression, and vLLM), step segmentation,
-the step-scorer protocol and value-guided step-level beam search (:mod:`.search`). Evaluation, teachers, the
-``sample`` stage and decoders generate through here. Submodules load on first use (``rlkit.rollout.generation``
-imports torch; recipes only need the settings).
+the step-scorer protocol, value-guided step-level beam search (:mod:`.search`) and reward-guided speculative
+decoding (:mod:`.rsd`). Evaluation, teachers, the ``sample`` stage and decoders generate through here.
+Submodules load on first use (``rlkit.rollout.generation`` imports torch; recipes only need the settings).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ _EXPORTS = {
     "generate_texts": "generation", "render_prompts": "generation", "seeded": "generation",
     "ConstantScorer": "search", "FunctionScorer": "search", "STEP_STOPS": "search", "SearchResult": "search",
     "SearchSettings": "search", "as_text_scorer": "search", "step_stops": "search", "value_guided_search": "search",
+    "DecodingModel": "rsd", "RSDResult": "rsd", "RSDSettings": "rsd", "best_of_n_cost": "rsd",
+    "rsd_decode": "rsd", "step_decode": "rsd",
     "SPLITTERS": "steps", "StepScorer": "steps", "split_steps": "steps",
     "VLLMSettings": "settings",
 }
