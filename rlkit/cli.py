@@ -74,9 +74,33 @@ def search_settings(args):
 
     return SearchSettings(beams=args.beams, expansions=args.expansions, max_rounds=args.max_rounds,
                           stop=parse_step_stops(args.step_stops, args.benchmark),
-                          max_step_tokens=args.max_step_tokens, max_total_tokens=args.max_new_tokens,
+                          max_step_tokens=256 if args.max_step_tokens is None else args.max_step_tokens,
+                          max_total_tokens=args.max_new_tokens,
                           temperature=1.0 if args.temperature is None else args.temperature, seed=args.seed,
                           add_eos=args.add_eos, batch_size=args.batch_size)
+
+
+_RSD_FLAGS = {"threshold": "--threshold", "weighting": "--weighting", "constant_p": "--constant-p",
+              "logistic_alpha": "--logistic-alpha", "step_separator": "--step-separator", "max_steps": "--max-steps"}
+
+
+def rsd_settings(args):
+    """``RSDSettings`` from the ``rlkit eval --decoder rsd`` flags (None for other decoders, where those flags are
+    an error)."""
+    from .config import ConfigError
+
+    given = {k: getattr(args, k) for k in _RSD_FLAGS if getattr(args, k) is not None}
+    if args.decoder != "rsd":
+        if given:
+            raise ConfigError(f"{_RSD_FLAGS[next(iter(given))]} only applies to --decoder rsd")
+        return None
+    from .rollout.rsd import RSDSettings, parse_separator
+
+    if "step_separator" in given:
+        given["step_separator"] = parse_separator(given["step_separator"])
+    if args.max_step_tokens is not None:
+        given["max_step_tokens"] = args.max_step_tokens
+    return RSDSettings(seed=args.seed, **given)
 
 
 def cmd_eval(args) -> int:
@@ -89,7 +113,8 @@ def cmd_eval(args) -> int:
                        batch_size=args.batch_size, backend=args.backend, template=args.template,
                        output_dir=args.output_dir, dtype=args.dtype, kv_cache=kv if kv.kind != "none" else None,
                        vllm=vllm, path=args.path, decoder=args.decoder, value_model=args.value_model,
-                       search=search_settings(args))
+                       search=search_settings(args), draft=args.draft, target=args.target, scorer=args.scorer,
+                       rsd=rsd_settings(args), select=args.select)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -195,16 +220,21 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_env)
 
     e = sub.add_parser("eval", help="evaluate a model on a math benchmark")
-    e.add_argument("--model", required=True, help="hub id, local path, or built-in name")
+    e.add_argument("--model", default=None,
+                   help="hub id, local path, or built-in name (--decoder rsd: the default --target)")
     e.add_argument("--benchmark", required=True, help="gsm8k | math500 | aime24 | amc23 | synthetic | jsonl:PATH")
     e.add_argument("--split", default="test")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
     e.add_argument("--samples", type=int, default=0, help="k sampled completions for pass@k / maj@k (0: greedy only)")
+    e.add_argument("--select", default=None, metavar="SPEC",
+                   help="best-of-N over the --samples: prm:DIR or orm:DIR (highest PRM/ORM solution score), majority "
+                        "or first; reports bon@N and writes every candidate's scores")
     e.add_argument("--temperature", type=float, default=None,
-                   help="sampling temperature (default 0.6 for --samples, 1.0 for --decoder value_search)")
+                   help="sampling temperature (default 0.6 for --samples, 1.0 for --decoder value_search, 0 "
+                        "(greedy) for both models of --decoder rsd)")
     e.add_argument("--max-new-tokens", type=int, default=512)
     e.add_argument("--batch-size", type=int, default=16,
-                   help="prompts per generate call (value_search: problems searched together)")
+                   help="prompts per generate call (value_search, rsd: problems decoded together)")
     e.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     e.add_argument("--template", choices=["auto", "plain", "chat", "think_answer"], default="auto")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -218,23 +248,43 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     e.add_argument("--kv-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a kv-cache setting (repeatable): group_size, residual_length, rbits, tbits, lut, "
                         "pruning_ratio, obs_window, recent")
-    e.add_argument("--decoder", choices=["greedy", "value_search"], default="greedy",
-                   help="greedy (pass@1, plus --samples) or value_search: step-level beam search steered by "
-                        "--value-model (HF backend)")
+    e.add_argument("--decoder", choices=["greedy", "value_search", "rsd"], default="greedy",
+                   help="greedy (pass@1, plus --samples), value_search: step-level beam search steered by "
+                        "--value-model (HF backend), or rsd: reward-guided speculative decoding (--draft, --target, "
+                        "--scorer)")
     e.add_argument("--value-model", default=None, metavar="DIR",
                    help="a saved value model for --decoder value_search (an OREO stage's final/critic)")
     e.add_argument("--beams", type=int, default=3, help="value_search: beams kept per problem (B)")
     e.add_argument("--expansions", type=int, default=None,
                    help="value_search: sampled steps per beam and round (default: --beams)")
     e.add_argument("--max-rounds", type=int, default=20, help="value_search: expansion rounds at most")
-    e.add_argument("--max-step-tokens", type=int, default=256, help="value_search: tokens per step at most")
+    e.add_argument("--max-step-tokens", type=int, default=None,
+                   help="value_search, rsd: tokens per step at most (default: 256 for value_search; rsd: "
+                        "--max-new-tokens)")
     e.add_argument("--step-stops", nargs="+", default=None, metavar="STOP",
                    help="value_search: strings that end a step: a preset (gsm8k: \\n; math: \\n, '. ', '.$ ') or "
                         "literal strings with backslash escapes (default: math for MATH-style benchmarks, else gsm8k)")
     e.add_argument("--add-eos", action="store_true",
                    help="value_search: score finished candidates with EOS appended (the released search script's "
                         "option; off by default: in OREO's layout that position is the untrained terminal state)")
-    e.add_argument("--seed", type=int, default=0, help="value_search: sampling seed")
+    e.add_argument("--seed", type=int, default=0,
+                   help="value_search: sampling seed; rsd: seeds sampling and non-binary acceptance")
+    e.add_argument("--draft", default=None, metavar="MODEL", help="rsd: the small model that proposes each step")
+    e.add_argument("--target", default=None, metavar="MODEL",
+                   help="rsd: the large model that writes rejected steps (default: --model)")
+    e.add_argument("--scorer", default=None, metavar="DIR",
+                   help="rsd: the step scorer, a PRM (a `method: prm` stage's final/) or a value model")
+    e.add_argument("--threshold", type=float, default=None,
+                   help="rsd: delta, the reward a draft step needs (default 0.7, the paper's)")
+    e.add_argument("--weighting", default=None, metavar="RULE",
+                   help="rsd: binary (default, the paper's code: accept iff reward >= delta), constant, clipped, "
+                        "sigmoidal or logistic (accept with probability omega(reward))")
+    e.add_argument("--constant-p", type=float, default=None, help="rsd: p of --weighting constant (default 0.5)")
+    e.add_argument("--logistic-alpha", type=float, default=None,
+                   help="rsd: alpha of --weighting logistic (default 10)")
+    e.add_argument("--step-separator", default=None, metavar="SEP",
+                   help="rsd: the string that ends a step, backslash escapes read (default '\\n\\n', the paper's)")
+    e.add_argument("--max-steps", type=int, default=None, help="rsd: steps per problem at most (default 100)")
     e.set_defaults(func=cmd_eval)
 
     sa = sub.add_parser("sample", help="N completions per prompt, scored by the reward engine, as a resumable jsonl",

@@ -10,6 +10,14 @@ the answer seen first) and checks it.
 Value-guided search (:func:`evaluate_search`, ``rlkit eval --decoder value_search``) judges the one solution
 :func:`rlkit.rollout.search.value_guided_search` returns per problem, as greedy evaluation judges its
 completion, and keeps the search trace in each record.
+
+Best-of-N (``evaluate_rows(..., selector=...)``, ``rlkit eval --samples N --select SPEC``) picks one of the N
+samples per problem with a :class:`rlkit.eval.select.Selector` (PRM / ORM score, majority, first) and reports
+``bon@N`` (and the curve over the first n samples, n = 1, 2, 4, ...); every candidate's scores go into its record.
+
+Reward-guided speculative decoding (:func:`evaluate_rsd`, ``rlkit eval --decoder rsd``) judges the solution
+:func:`rlkit.rollout.rsd.rsd_decode` writes per problem and keeps its RSD record (steps, sources, rewards, token
+counters, per-model FLOPs); the summary totals them (:func:`rlkit.rollout.rsd.summarize`).
 """
 
 from __future__ import annotations
@@ -24,8 +32,8 @@ from rlkit_rewards.text import extract_answer, parse_number
 
 from ..rollout import GenerationSettings, generate_texts, render_prompts
 
-__all__ = ["GenerationSettings", "evaluate_rows", "evaluate_search", "judge", "majority", "render_prompts",
-           "write_outputs"]
+__all__ = ["GenerationSettings", "evaluate_rows", "evaluate_rsd", "evaluate_search", "judge", "majority",
+           "render_prompts", "write_outputs"]
 
 
 def _same(a: str, b: str) -> bool:
@@ -58,8 +66,13 @@ def judge(completion: str, gold: str) -> tuple[str | None, bool]:
 
 
 def evaluate_rows(model, tokenizer, rows: list[dict], settings: GenerationSettings | None = None,
-                  samples: int = 0, progress: bool = True, model_path: str | None = None) -> tuple[dict, list[dict]]:
+                  samples: int = 0, progress: bool = True, model_path: str | None = None,
+                  selector=None) -> tuple[dict, list[dict]]:
     """Evaluate ``rows`` (``prompt``, ``answer``): greedy pass@1, plus pass@k/maj@k when ``samples`` > 0.
+
+    ``selector`` (an ``rlkit.eval.select.Selector``, with ``samples`` > 0): choose one sample per problem and
+    report ``bon@{samples}`` and ``bon_curve`` (best-of-n over the first n samples); each sample's record gets
+    its scores (``step_scores``, ``score``) and each problem's record the chosen index (``selected``).
 
     Returns ``(summary, records)``; each record holds the completion(s), extracted answer(s) and verdicts.
     """
@@ -94,9 +107,32 @@ def evaluate_rows(model, tokenizer, rows: list[dict], settings: GenerationSettin
         n = max(1, len(rows))
         summary.update({f"pass@{samples}": any_ok / n, f"maj@{samples}": maj_ok / n, "pass@1(sampled)": mean_ok / n,
                         "samples": samples, "temperature": settings.temperature})
+        if selector is not None:
+            summary.update(_select(selector, prompts, records, samples))
+    elif selector is not None:
+        raise ValueError("best-of-N selection needs samples > 0")
     summary["unparseable"] = sum(r["extracted"] is None for r in records) / max(1, len(records))
     summary["seconds"] = round(time.time() - t0, 2)
     return summary, records
+
+
+def _select(selector, prompts: list[str], records: list[dict], samples: int) -> dict:
+    """Score every sample, choose one per problem, and the best-of-n figures (see :func:`evaluate_rows`)."""
+    from .select import best_of_n, curve_ns, select_index
+
+    scores = selector.score(prompts, [[s["completion"] for s in rec["samples"]] for rec in records])
+    problems = []
+    for rec, per_sample in zip(records, scores):
+        for s, sc in zip(rec["samples"], per_sample):
+            s.update(sc)
+        cands = [{"correct": s["correct"], "extracted": s["extracted"], "score": s.get("score")}
+                 for s in rec["samples"]]
+        rec["selected"] = select_index(cands, selector.rule)
+        rec["bon_correct"] = bool(cands[rec["selected"]]["correct"])
+        problems.append(cands)
+    curve = best_of_n(problems, curve_ns(samples), selector.rule)
+    return {f"bon@{samples}": curve[samples], "bon_curve": {str(k): v for k, v in curve.items()},
+            "select": selector.spec}
 
 
 def evaluate_search(model, tokenizer, rows: list[dict], scorer, settings=None,
@@ -131,6 +167,35 @@ def evaluate_search(model, tokenizer, rows: list[dict], scorer, settings=None,
         "mean_generated_tokens": sum(r.generated_tokens for r in results) / n,
         "finished": sum(r.finished for r in results) / n,
     }
+    summary["unparseable"] = sum(r["extracted"] is None for r in records) / n
+    summary["seconds"] = round(time.time() - t0, 2)
+    return summary, records
+
+
+def evaluate_rsd(draft, target, rows: list[dict], scorer, settings=None,
+                 progress: bool = True) -> tuple[dict, list[dict]]:
+    """Evaluate ``rows`` (``prompt``, ``answer``) with reward-guided speculative decoding: ``draft`` and
+    ``target`` are ``rlkit.rollout.rsd.DecodingModel`` (the prompts are rendered with the draft's tokenizer, as
+    the released code renders them), ``scorer`` a step scorer, ``settings`` an ``RSDSettings``. ``pass@1`` judges
+    the decoded solution; each record's ``rsd`` field is its :class:`rlkit.rollout.rsd.RSDResult`; the summary
+    holds the settings, the token counters, the acceptance rate and per-model FLOPs (``summarize``)."""
+    from dataclasses import asdict
+
+    from ..rollout.rsd import RSDSettings, rsd_decode, summarize
+
+    settings = settings or RSDSettings()
+    t0 = time.time()
+    prompts = render_prompts([r["prompt"] for r in rows], draft.tokenizer)
+    results = rsd_decode(draft, target, scorer, prompts, settings, progress=progress)
+    records = []
+    for row, res in zip(rows, results):
+        pred, ok = judge(res.text, row["answer"])
+        records.append({"question": row.get("question"), "gold": row["answer"], "completion": res.text,
+                        "extracted": pred, "correct": ok, "rsd": res.to_dict()})
+    n = max(1, len(rows))
+    summary: dict[str, Any] = {"n": len(rows), "pass@1": sum(r["correct"] for r in records) / n, "decoder": "rsd"}
+    summary.update({k: v for k, v in asdict(settings).items() if k not in ("vllm", "backend")})
+    summary.update(summarize(results))
     summary["unparseable"] = sum(r["extracted"] is None for r in records) / n
     summary["seconds"] = round(time.time() - t0, 2)
     return summary, records

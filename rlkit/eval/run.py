@@ -1,7 +1,9 @@
 """``rlkit eval``: load a model, build a benchmark's prompts, evaluate, write completions and summary.
 
-Decoders: ``greedy`` (pass@1, plus pass@k / maj@k with ``samples``) and ``value_search`` (value-guided
-step-level beam search steered by a saved value model, HF backend only)."""
+Decoders: ``greedy`` (pass@1, plus pass@k / maj@k with ``samples``, and best-of-N with a ``select`` rule),
+``value_search`` (value-guided step-level beam search steered by a saved value model, HF backend only) and
+``rsd`` (reward-guided speculative decoding: a draft model, a target model and a PRM or value model; HF or
+vLLM)."""
 
 from __future__ import annotations
 
@@ -10,16 +12,41 @@ from pathlib import Path
 
 from ..data import build_dataset
 from ..recipe import DatasetSpec, ModelSpec
-from .math_eval import GenerationSettings, evaluate_rows, evaluate_search, write_outputs
+from .math_eval import GenerationSettings, evaluate_rows, evaluate_rsd, evaluate_search, write_outputs
 
-DECODERS = ("greedy", "value_search")
+DECODERS = ("greedy", "value_search", "rsd")
 
 
-def _check_decoder(decoder: str, backend: str, value_model: str | None, samples: int, kv_cache) -> None:
+def _check_decoder(decoder: str, backend: str, value_model: str | None, samples: int, kv_cache,
+                   model: str | None = None, draft: str | None = None, target: str | None = None,
+                   scorer: str | None = None, select: str | None = None) -> None:
     from ..config import ConfigError
 
     if decoder not in DECODERS:
         raise ConfigError(f"unknown decoder {decoder!r}; use one of {', '.join(DECODERS)}")
+    if decoder != "rsd":
+        for flag, value in (("--draft", draft), ("--target", target), ("--scorer", scorer)):
+            if value is not None:
+                raise ConfigError(f"{flag} only applies to --decoder rsd")
+        if model is None:
+            raise ConfigError("rlkit eval needs --model (or --decoder rsd with --draft, --target and --scorer)")
+    if select is not None and (decoder != "greedy" or not samples):
+        raise ConfigError("--select picks one of --samples N completions: give --samples N (greedy decoder)")
+    if decoder == "rsd":
+        if value_model is not None:
+            raise ConfigError("--value-model applies to --decoder value_search; rsd takes its PRM as --scorer DIR")
+        if draft is None:
+            raise ConfigError("--decoder rsd needs --draft MODEL (the small model that proposes each step)")
+        if target is None and model is None:
+            raise ConfigError("--decoder rsd needs --target MODEL (or --model, the default target)")
+        if scorer is None:
+            raise ConfigError("--decoder rsd needs --scorer DIR (a PRM, a `method: prm` stage's final/, or a value "
+                              "model)")
+        if samples:
+            raise ConfigError("--samples applies to the greedy decoder; rsd decodes one solution per problem")
+        if kv_cache is not None:
+            raise ConfigError("--kv-cache is not supported with --decoder rsd")
+        return
     if decoder != "value_search":
         if value_model is not None:
             raise ConfigError("--value-model only applies to --decoder value_search")
@@ -44,6 +71,78 @@ def check_value_model_dir(path: str) -> None:
     if not is_value_model_dir(path):
         raise ModelError(f"--value-model {path} is not a value model folder (no rlkit value_model.json); pass the "
                          "critic folder an OREO stage writes, e.g. <run>/final/critic")
+
+
+def check_scorer_dir(path: str) -> None:
+    """One-line ModelError unless ``path`` holds a saved PRM (``prm.json``) or value model (``value_model.json``)."""
+    from ..models import ModelError
+    from ..process_reward import is_prm_dir
+    from ..value import is_value_model_dir
+
+    if not (is_prm_dir(path) or is_value_model_dir(path)):
+        raise ModelError(f"--scorer {path} is not a PRM or value-model folder (no rlkit prm.json or value_model.json); "
+                         "pass a `method: prm` stage's final/ or an OREO stage's final/critic")
+
+
+def _reject_tiny(*names: str | None) -> None:
+    from ..models import ModelError
+
+    if "tiny" in names:
+        raise ModelError("--model tiny is an untrained random model; pass a trained checkpoint folder instead")
+
+
+def _decoding_model(name: str, dtype: str, backend: str):
+    """An ``rlkit.rollout.rsd.DecodingModel``: HF weights on the GPU when there is one, or (vLLM) the tokenizer
+    and the path the engine loads."""
+    from ..models import BUILTIN_MODELS, builtin_path, load_model, load_tokenizer
+    from ..rollout.rsd import DecodingModel
+
+    spec = ModelSpec(name=name, dtype=dtype)
+    if backend == "vllm":
+        path = str(builtin_path(name)) if name in BUILTIN_MODELS else name
+        return DecodingModel(None, load_tokenizer(spec), path=path)
+    import torch
+
+    lm, tokenizer = load_model(spec)
+    if torch.cuda.is_available():
+        lm = lm.to("cuda")
+    return DecodingModel(lm, tokenizer, path=name)
+
+
+def _run_rsd(model, benchmark, split, limit, temperature, max_new_tokens, batch_size, backend, template, dtype, vllm,
+             path, draft, target, scorer, rsd) -> tuple[dict, list[dict], object]:
+    from ..process_reward import load_step_scorer
+    from ..rollout.rsd import RSDSettings
+
+    target = target or model
+    _reject_tiny(draft, target)
+    check_scorer_dir(scorer)  # before any model loads
+    if backend == "vllm":
+        from ..rollout.settings import VLLMSettings
+        from ..rollout.vllm import platform
+
+        platform()
+        if vllm is None:
+            vllm = VLLMSettings(dtype=dtype)
+    fields = dataclasses.asdict(rsd) if rsd is not None else {}
+    fields.update(max_total_tokens=max_new_tokens, batch_size=batch_size, backend=backend, vllm=vllm)
+    if temperature is not None:
+        fields.update(draft_temperature=temperature, target_temperature=temperature)
+    settings = RSDSettings(**fields)
+    draft_lm = _decoding_model(draft, dtype, backend)
+    target_lm = _decoding_model(target, dtype, backend)
+    step_scorer = load_step_scorer(scorer, tokenizer=target_lm.tokenizer, dtype=dtype)
+    ds = build_dataset(DatasetSpec(name=benchmark, split=split, limit=limit, template=template, path=path),
+                       draft_lm.tokenizer)
+    try:
+        summary, records = evaluate_rsd(draft_lm, target_lm, ds.to_list(), step_scorer, settings)
+    finally:
+        if backend == "vllm":
+            from ..rollout.vllm import close_engines
+
+            close_engines()
+    summary.update({"draft": draft, "target": target, "scorer": scorer, "model": target})
+    return summary, records, vllm
 
 
 def load_value_model(path: str, tokenizer, dtype: str = "auto"):
@@ -71,7 +170,8 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
              temperature: float | None = None, max_new_tokens: int = 512, batch_size: int = 16, backend: str = "hf",
              template: str = "auto", output_dir: str | None = None, dtype: str = "auto",
              kv_cache=None, vllm=None, path: str | None = None, decoder: str = "greedy",
-             value_model: str | None = None, search=None) -> dict:
+             value_model: str | None = None, search=None, draft: str | None = None, target: str | None = None,
+             scorer: str | None = None, rsd=None, select: str | None = None) -> dict:
     """Evaluate ``model`` on ``benchmark``; ``kv_cache`` is an ``rlkit.kvcache.KVCacheConfig`` (HF backend),
     ``vllm`` an ``rlkit.rollout.VLLMSettings`` (vLLM backend; its dtype defaults to ``dtype``), ``path`` a local
     jsonl for a known benchmark.
@@ -79,14 +179,33 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
     ``decoder="value_search"`` runs value-guided step-level beam search steered by the value model saved at
     ``value_model``, with ``search`` (an ``rlkit.rollout.SearchSettings``; its ``max_total_tokens`` becomes
     ``max_new_tokens``, its ``batch_size`` ``batch_size`` problems, and its ``temperature`` ``temperature`` when
-    given). ``temperature`` defaults to 0.6 for sampled pass@k and to the search's (1.0) for value search."""
-    from ..models import ModelError, load_model, load_tokenizer
+    given). ``temperature`` defaults to 0.6 for sampled pass@k and to the search's (1.0) for value search.
 
-    _check_decoder(decoder, backend, value_model, samples, kv_cache)
+    ``decoder="rsd"`` runs reward-guided speculative decoding with the ``draft`` and ``target`` models (the target
+    defaults to ``model``) and the step scorer saved at ``scorer`` (a PRM or a value model), with ``rsd`` (an
+    ``rlkit.rollout.rsd.RSDSettings``; its ``max_total_tokens`` becomes ``max_new_tokens``, its ``batch_size``
+    ``batch_size`` problems, its backend ``backend``, and both temperatures ``temperature`` when given; default 0,
+    greedy, as the paper). Every record keeps its RSD record; the summary has the acceptance rate, token counts
+    and FLOPs per model.
+
+    ``select`` (``prm:DIR``, ``orm:DIR``, ``majority`` or ``first``, with ``samples``): best-of-N, one of the
+    samples chosen per problem (see ``rlkit.eval.select``), ``bon@{samples}`` in the summary."""
+    from ..models import load_model, load_tokenizer
+
+    _check_decoder(decoder, backend, value_model, samples, kv_cache, model, draft, target, scorer, select)
     if decoder == "value_search":
         check_value_model_dir(value_model)  # before the policy loads
-    if model == "tiny":
-        raise ModelError("--model tiny is an untrained random model; pass a trained checkpoint folder instead")
+    if decoder == "rsd":
+        summary, records, vllm = _run_rsd(model, benchmark, split, limit, temperature, max_new_tokens, batch_size,
+                                          backend, template, dtype, vllm, path, draft, target, scorer, rsd)
+        return _finish(summary, records, benchmark, split, backend, kv_cache, vllm if backend == "vllm" else None,
+                       output_dir, f"rsd-{Path(draft).name}-{Path(summary['target']).name}")
+    _reject_tiny(model)
+    selector = None
+    if select is not None:
+        from .select import load_selector
+
+        selector = load_selector(select, dtype)  # before the policy loads: a wrong folder fails fast
     mspec = ModelSpec(name=model, dtype=dtype)
     if backend == "vllm":
         from ..models import BUILTIN_MODELS, builtin_path
@@ -105,7 +224,7 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
         if torch.cuda.is_available():
             lm = lm.to("cuda")
         model_path = model
-    scorer = load_value_model(value_model, tokenizer, dtype) if decoder == "value_search" else None
+    critic = load_value_model(value_model, tokenizer, dtype) if decoder == "value_search" else None
     ds = build_dataset(DatasetSpec(name=benchmark, split=split, limit=limit, template=template, path=path),
                        tokenizer)
     if decoder == "value_search":
@@ -116,7 +235,7 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
         if temperature is not None:
             fields["temperature"] = temperature
         search = SearchSettings(**fields)
-        summary, records = evaluate_search(lm, tokenizer, ds.to_list(), scorer, search)
+        summary, records = evaluate_search(lm, tokenizer, ds.to_list(), critic, search)
         summary["value_model"] = value_model
     else:
         settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -124,17 +243,25 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
                                       backend=backend, kv_cache=kv_cache, vllm=vllm)
         try:
             summary, records = evaluate_rows(lm, tokenizer, ds.to_list(), settings, samples=samples,
-                                             model_path=model_path)
+                                             model_path=model_path, selector=selector)
         finally:
             if backend == "vllm":
                 from ..rollout.vllm import close_engines
 
                 close_engines()
         summary["decoder"] = "greedy"
-    summary.update({"model": model, "benchmark": benchmark, "split": split, "backend": backend,
+    summary["model"] = model
+    return _finish(summary, records, benchmark, split, backend, kv_cache, vllm if backend == "vllm" else None,
+                   output_dir, Path(model).name)
+
+
+def _finish(summary: dict, records: list[dict], benchmark: str, split: str, backend: str, kv_cache, vllm,
+            output_dir: str | None, name: str) -> dict:
+    """Add the run's settings to the summary and write completions.jsonl and summary.json."""
+    summary.update({"benchmark": benchmark, "split": split, "backend": backend,
                     "kv_cache": kv_cache.to_dict() if kv_cache is not None else None,
-                    "vllm": dataclasses.asdict(vllm) if backend == "vllm" else None})
-    out = output_dir or str(Path("runs") / "eval" / f"{Path(model).name}-{benchmark.replace(':', '_').replace('/', '_')}")
+                    "vllm": dataclasses.asdict(vllm) if vllm is not None else None})
+    out = output_dir or str(Path("runs") / "eval" / f"{name}-{benchmark.replace(':', '_').replace('/', '_')}")
     comp, summ = write_outputs(out, summary, records)
     summary["outputs"] = {"completions": str(comp), "summary": str(summ)}
     return summary
