@@ -155,6 +155,20 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_prm_label(args) -> int:
+    from .config import from_arguments
+    from .methods.prm.labels import PRMLabelConfig, label_recipe
+    from .pipeline import run_recipe
+
+    config = from_arguments(PRMLabelConfig, args, "rlkit prm label")
+    recipe = label_recipe(args.model, args.data, args.out, config, split=args.split, limit=args.limit,
+                          template=args.template, path=args.path, rewards=args.reward, seed=args.seed,
+                          dtype=args.dtype)
+    summary = run_recipe(recipe)[0]
+    print(json.dumps({k: v for k, v in summary.items() if k != "stage"}, indent=2))
+    return 0
+
+
 def _settings(text: str) -> tuple[tuple[int, int], ...]:
     try:
         return tuple((int(a), int(b)) for a, b in (x.lower().split("x") for x in text.split(",") if x.strip()))
@@ -307,6 +321,34 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
         add_arguments(sa, SampleConfig)
     sa.set_defaults(func=cmd_sample)
+
+    pr = sub.add_parser("prm", help="process reward models (ER-PRM): step labels from rollouts")
+    prsub = pr.add_subparsers(dest="prm_command", required=True)
+    pl = prsub.add_parser("label", help="label every step of solutions by rollouts (ER, hard and soft labels)",
+                          description="Split each solution (a samples jsonl's completions, or a benchmark's "
+                                      "reference solutions) into steps, sample --num-rollouts continuations of every "
+                                      "prefix with --model, score them with the reward engine and write "
+                                      "<out>/labels.jsonl with ER-PRM's entropy-regularised, hard and soft labels. "
+                                      "Re-running resumes.")
+    pl.add_argument("--model", required=True, help="the completion model: hub id, local path or built-in name")
+    pl.add_argument("--data", required=True,
+                    help="jsonl:PATH of a sample stage's rows (prompt, completion, answer) | gsm8k | math500 | "
+                         "synthetic | ... (a benchmark: its reference solutions are labelled)")
+    pl.add_argument("--split", default="train")
+    pl.add_argument("--path", default=None, help="local jsonl file (or folder) for a known benchmark")
+    pl.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    pl.add_argument("--template", choices=["auto", "plain", "chat", "think_answer"], default="auto",
+                    help="prompt template for rows without a rendered prompt (benchmarks)")
+    pl.add_argument("--out", required=True, help="output folder (labels.jsonl, labels.meta.json, summary.json)")
+    pl.add_argument("--reward", action="append", default=None, metavar="NAME",
+                    help="reward from rlkit_rewards (repeatable; default math_accuracy)")
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    if full("prm"):
+        from .methods.prm.labels import PRMLabelConfig
+
+        add_arguments(pl, PRMLabelConfig)
+    pl.set_defaults(func=cmd_prm_label)
 
     h = sub.add_parser("hints", help="StepHint: split reference chains into steps and hint levels")
     hsub = h.add_subparsers(dest="hints_command", required=True)
