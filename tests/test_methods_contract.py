@@ -54,6 +54,9 @@ MINIMAL["dpo"] = _base("dpo", data={"train": {"name": f"jsonl:{Path(__file__).pa
                                 "gradient_checkpointing": False})
 MINIMAL["oreo"] = _base("oreo", data={"train": {"name": f"jsonl:{Path(__file__).parent / 'fixtures' / 'oreo_samples.jsonl'}"}},
                         trainer={**_TRAINER, "per_device_train_batch_size": 4, "max_length": 96})
+MINIMAL["prm_label"] = _base("prm_label", rewards=[{"name": "math_accuracy"}],
+                             args={"num_rollouts": 2, "max_new_tokens": 8, "chunk_size": 2})
+MINIMAL["prm_label"]["data"]["train"]["limit"] = 3
 MINIMAL["select"] = _base("select", data={"train": {"name": f"jsonl:{Path(__file__).parent / 'fixtures' / 'oreo_samples.jsonl'}"}},
                           args={"by": "reward"})
 MINIMAL["prm"] = _base("prm", data={"train": {"name": f"jsonl:{Path(__file__).parent / 'fixtures' / 'prm_labels_tiny.jsonl'}"}},

@@ -297,3 +297,17 @@ def test_select_keeps_the_best_scored_completion_per_prompt(saved_prm, tmp_path)
 
     with pytest.raises(ModelError, match="select: .*neither a process reward model"):
         run_recipe(recipe_from_dict(dict(raw, output_dir=str(tmp_path / "sel3"), args={})))
+
+
+def test_eta_recomputes_er_labels_from_the_rollout_counts(tiny, tmp_path):
+    from rlkit.methods.prm.labels import er_label_from_p
+    from rlkit.methods.prm.trainer import tokenize_prm_rows
+
+    _, tok = tiny
+    row = ROWS[1]  # a correct row: step_correct [3, 4, 0] of [4, 4, 0]
+    for eta in (0.0, 1.0, 20.0):
+        got = tokenize_prm_rows([row], tok, _args(tmp_path, eta=eta))[0]["tag_label"]
+        assert got == pytest.approx([er_label_from_p(0.75, eta), er_label_from_p(1.0, eta), 1.0])
+    assert tokenize_prm_rows([row], tok, _args(tmp_path, eta=0.0))[0]["tag_label"][0] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="eta recomputes"):
+        _args(tmp_path, eta=1.0, kind="orm")

@@ -51,6 +51,10 @@ class PRMConfig(TrainingArguments):
     """prm: a label at every step tag; orm: one tag after the whole solution, labelled with its correctness."""
     label_kind: Literal["auto", "er", "hard", "soft"] = "auto"
     """Which labels of a prm_label stage's rows to train on (auto: the ``labels`` column, the stage's own kind)."""
+    eta: float | None = None
+    """Recompute the ER labels with this eta from the rows' rollout counts (``step_correct`` / ``step_rollouts``,
+    0/1 rollouts; the last step keeps the solution's correctness): an eta sweep reuses one set of rollouts.
+    None: train on the labels as written (the label stage's eta)."""
     step_tag: str = DEFAULT_STEP_TAG
     """Text written after each step; the score is read at its last token (the released code: ' ки')."""
     label_tokens: list[str] = field(default_factory=lambda: ["+", "-"])
@@ -81,6 +85,8 @@ class PRMConfig(TrainingArguments):
             raise ValueError(f"label_tokens must be two different strings, got {self.label_tokens}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+        if self.eta is not None and (not self.eta >= 0 or self.kind == "orm" or self.label_kind not in ("auto", "er")):
+            raise ValueError("eta recomputes ER labels: it needs eta >= 0, kind prm and label_kind er (or auto)")
         super().__post_init__()
 
 
@@ -112,6 +118,8 @@ def _row_label_steps(row: dict, i: int, args: PRMConfig, source: str) -> tuple[l
             raise DataError(f"prm: row {i} of {source} has no correctness for an ORM (a `correct` column, labels, "
                             "or a 0/1 reward)")
         return ["".join(steps)], [float(label)]
+    if args.eta is not None:
+        return steps, _relabel(row, i, len(steps), args.eta, source)
     column = LABEL_COLUMNS[args.label_kind]
     labels = row.get(column)
     if labels is None:
@@ -124,6 +132,22 @@ def _row_label_steps(row: dict, i: int, args: PRMConfig, source: str) -> tuple[l
     if any(not (0.0 <= v <= 1.0) or math.isnan(v) for v in values):
         raise DataError(f"prm: row {i} of {source}: labels must lie in [0, 1] (soft-label cross-entropy), got {values}")
     return steps, values
+
+
+def _relabel(row: dict, i: int, n_steps: int, eta: float, source: str) -> list[float]:
+    """ER labels with ``eta`` from a label row's rollout counts; the last step keeps the row's correctness."""
+    from ...data import DataError
+    from .labels import er_label_from_p
+
+    correct, total = row.get("step_correct"), row.get("step_rollouts")
+    final = row.get("correct", (row.get("labels_er") or [None])[-1])
+    if not isinstance(correct, list) or not isinstance(total, list) or len(correct) != n_steps or final is None:
+        raise DataError(f"prm: eta needs a prm_label stage's rows (step_correct, step_rollouts, correct); row {i} of "
+                        f"{source} lacks them")
+    if "step_rewards" in row:
+        raise DataError(f"prm: eta recomputes labels of 0/1 rollouts; row {i} of {source} was labelled with "
+                        "target: reward")
+    return [er_label_from_p(c / t, eta) for c, t in zip(correct[:-1], total[:-1])] + [float(final)]
 
 
 def tokenize_prm_rows(rows: list[dict], tokenizer: Any, args: PRMConfig, source: str = "dataset") -> list[dict]:
