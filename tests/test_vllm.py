@@ -202,3 +202,28 @@ def test_rollout_speed_bench_smoke(repo_root, tmp_path, data_dir):
     fields = dict(kv.split("=", 1) for kv in res.stdout.strip().splitlines()[-1].split()[1:])
     assert float(fields["grpo_step_ratio_colocate"]) > 0 and float(fields["sync_probe_ms"]) > 0
     assert float(fields["gen_speedup_vllm_b4"]) > 0
+
+
+def test_rsd_with_vllm_equals_rsd_with_hf(smol):
+    """Reward-guided speculative decoding on the vLLM backend takes the same steps, accept/reject decisions and
+    token counts as on the HF backend (SmolLM2 as draft and target: one engine; a scorer that accepts some steps
+    and rejects others), and the vLLM side counts the parameters from the checkpoint's safetensors headers."""
+    from rlkit.rollout.rsd import DecodingModel, RSDSettings, rsd_decode
+    from rlkit.rollout.search import FunctionScorer
+
+    scorer = FunctionScorer(lambda prompt, solution: (len(solution) % 3) / 2)  # 0, 0.5 or 1: some steps pass 0.7
+    common = dict(step_separator="\n", max_total_tokens=32, threshold=0.7)
+    prompts = smol["prompts"][:2]
+    hf_lm = DecodingModel(smol["model"], smol["tok"])
+    hf = rsd_decode(hf_lm, hf_lm, scorer, prompts, RSDSettings(**common), progress=False)
+    vl_lm = DecodingModel(None, smol["tok"], path=smol["path"])
+    vl = rsd_decode(vl_lm, vl_lm, scorer, prompts, RSDSettings(backend="vllm", vllm=_vllm_settings(), **common),
+                    progress=False)
+    assert [r.steps for r in vl] == [r.steps for r in hf]
+    assert [r.sources for r in vl] == [r.sources for r in hf]
+    assert {s for r in hf for s in r.sources} == {"draft", "target"}, "the check needs both kinds of steps"
+    for a, b in zip(vl, hf):
+        assert (a.draft_accepted_tokens, a.draft_discarded_tokens, a.target_tokens, a.finish_reason) == (
+            b.draft_accepted_tokens, b.draft_discarded_tokens, b.target_tokens, b.finish_reason)
+        assert a.models["draft"].to_dict() == b.models["draft"].to_dict()
+    assert vl[0].models["target"].parameters == smol["model"].num_parameters()
