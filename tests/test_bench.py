@@ -162,3 +162,23 @@ def test_oreo_smoke(repo_root, tmp_path):
     assert (tmp_path / "seed0" / "dpo" / "pairs.jsonl").stat().st_size > 0
     search = results["decoders"]["0"]["value_search_b2"]
     assert search["sampled_steps"] > 0 and search["rounds"] >= 1
+
+
+def test_rsd_and_prm_smoke(repo_root, tmp_path):
+    """bench/rsd.py --smoke trains the draft, the ER-PRM and the target and decodes draft-only, target-only,
+    RSD and best-of-N; bench/prm.py --smoke in the same folder reuses the generator, samples, labels and ER-PRM
+    (finished stages are skipped) and trains the hard, soft and outcome baselines for best-of-N."""
+    out, res = _run_bench(repo_root, "rsd.py", "--smoke", "--out", str(tmp_path))
+    for key in ("acc_target", "acc_draft", "acc_rsd", "acc_bon"):
+        assert 0 <= float(res[key]) <= 1, res
+    assert float(res["flops_ratio_rsd_target"]) > 0 and 0 <= float(res["acceptance_rate"]) <= 1
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["rsd_0.7"]["models"]["prm"]["calls"] > 0
+    out, res = _run_bench(repo_root, "prm.py", "--smoke", "--out", str(tmp_path))
+    for n in (2, 4):
+        for kind in ("er", "hard", "soft", "orm", "majority"):
+            assert 0 <= float(res[f"bon_{kind}_{n}"]) <= 1, res
+    train_log = (tmp_path / "train.log").read_text()
+    assert "stage 'label' already finished" in train_log and "stage 'prm' already finished" in train_log
+    for stage in ("prm", "prm_hard", "prm_soft", "orm"):
+        assert (tmp_path / stage / "final" / "prm.json").is_file()
