@@ -15,7 +15,7 @@ first sample; the accuracy is the mean over problems and groups. The paper's cla
 generator): ER-PRM at least as good as the best baseline at every N, by +1 to +3 points.
 
     python bench/prm.py            # 512 training problems x 4 samples x 16 rollouts, 3 PRM seeds, 500 test problems
-    python bench/prm.py --quick    # 128 x 4 x 16, one seed, 200 test problems
+    python bench/prm.py --quick    # 256 x 4 x 16 (the recipe as shipped), one seed, 200 test problems
     python bench/prm.py --smoke    # seconds (tests)
 
 Ends with ``RESULT bon_er_16=... bon_hard_16=... bon_soft_16=... bon_orm_16=... bon_majority_16=... ...``
@@ -40,7 +40,7 @@ RECIPE = ROOT / "recipes" / "prm" / "tiny.yaml"
 MODELS = {"er": "prm", "hard": "prm_hard", "soft": "prm_soft", "orm": "orm"}
 PRESETS = {
     "smoke": dict(sft_steps=30, problems=6, samples=2, rollouts=2, epochs=1, test=8, n_max=4, ns=[2, 4], seeds=[0]),
-    "quick": dict(sft_steps=500, problems=128, samples=4, rollouts=16, epochs=3, test=200, n_max=32,
+    "quick": dict(sft_steps=500, problems=256, samples=4, rollouts=16, epochs=3, test=200, n_max=32,
                   ns=[4, 8, 16, 32], seeds=[0]),
     "full": dict(sft_steps=500, problems=512, samples=4, rollouts=16, epochs=3, test=500, n_max=32,
                  ns=[4, 8, 16, 32], seeds=[0, 1, 2]),
@@ -147,7 +147,7 @@ def label_stats(run_dir: Path) -> dict:
 
 
 def main() -> None:
-    p = bench_parser(__doc__, quick="128 training problems, one PRM seed, 200 test problems",
+    p = bench_parser(__doc__, quick="256 training problems (the recipe as shipped), one PRM seed, 200 test problems",
                      smoke="a few problems and steps (tests)")
     add_jobs_threads(p, jobs=None)
     add_out(p, "output folder (default runs/bench_prm[_quick|_smoke])", type=Path)

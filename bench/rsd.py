@@ -8,15 +8,16 @@ One step is one line (separator ``"\\n"``); decoding is greedy, as the paper's c
 
 On the held-out problems: draft-only and target-only decoding through the same step loop; best-of-N (N = 8)
 sampled from the draft at temperature 1 and picked by the PRM's min-over-steps score; RSD with the binary
-weighting at delta in {0.5, 0.6, 0.7, 0.8, 0.9}. FLOPs = 2 x parameters x tokens, counted two ways: **processed**
+weighting at delta in {0.5, 0.6, 0.7, 0.8, 0.9}; and, as a control, RSD at delta 0.7 steered by an exact step
+verifier of the task (the OREO bench's oracle) instead of the learned PRM, with its cost counted as the PRM's. FLOPs = 2 x parameters x tokens, counted two ways: **processed**
 tokens (every context token a model prefills, with a prefix cache, plus the tokens it generates: the honest
 compute count), and **generated** tokens only for the draft and the target (the PRM's scored tokens always
 count), which is closer to how decoding cost is usually quoted. The paper's claim: RSD reaches the target's
 accuracy (or beats it) with far fewer FLOPs, up to 4.4x fewer (the configuration and the FLOPs formula behind
 that figure are not published).
 
-    python bench/rsd.py            # the recipe as shipped (512 labelled problems), 500 test problems
-    python bench/rsd.py --quick    # 128 labelled problems, 200 test problems
+    python bench/rsd.py            # 512 labelled problems, 500 test problems
+    python bench/rsd.py --quick    # the recipe as shipped (256 labelled problems), 200 test problems
     python bench/rsd.py --smoke    # seconds (tests)
 
 Ends with ``RESULT acc_target=... acc_draft=... acc_rsd=... flops_ratio_rsd_target=... acceptance_rate=...``
@@ -41,7 +42,7 @@ PRESETS = {
     "smoke": dict(sft_steps=30, target_steps=10, problems=6, samples=2, rollouts=2, epochs=1, test=8, bon=2,
                   deltas=(0.7,), target_shape={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                                                "num_attention_heads": 4, "num_key_value_heads": 2}),
-    "quick": dict(sft_steps=500, target_steps=500, problems=128, samples=4, rollouts=16, epochs=3, test=200, bon=8,
+    "quick": dict(sft_steps=500, target_steps=500, problems=256, samples=4, rollouts=16, epochs=3, test=200, bon=8,
                   deltas=DELTAS),
     "full": dict(sft_steps=500, target_steps=500, problems=512, samples=4, rollouts=16, epochs=3, test=500, bon=8,
                  deltas=DELTAS),
@@ -115,6 +116,15 @@ def run(out: Path, p: dict, threads: int) -> dict:
         res = rsd_decode(draft, target, prm, prompts, RSDSettings(**{**settings.__dict__, "threshold": delta}),
                          progress=False)
         record(f"rsd_{delta}", res, time.time() - t0)
+    # a control: RSD steered by an exact step verifier of the task instead of the learned PRM (its cost counted
+    # as a PRM of the learned one's size), separating the decoding rule from the PRM's quality
+    from oreo import oracle_value
+    from rlkit.rollout.search import FunctionScorer
+
+    t0 = time.time()
+    res = rsd_decode(draft, target, FunctionScorer(oracle_value), prompts, settings,
+                     scorer_parameters=prm.num_parameters(), progress=False)
+    record("rsd_oracle", res, time.time() - t0)
     # best-of-N with the draft, picked by the PRM (cost: N samples sharing one prompt prefill, and PRM scoring)
     t0 = time.time()
     gen = GenerationSettings(max_new_tokens=48, batch_size=256, temperature=1.0, seed=0)
@@ -141,7 +151,7 @@ def run(out: Path, p: dict, threads: int) -> dict:
 
 
 def main() -> None:
-    p = bench_parser(__doc__, quick="128 labelled problems, 200 test problems", smoke="a few steps (tests)")
+    p = bench_parser(__doc__, quick="the recipe as shipped (256 labelled problems), 200 test problems", smoke="a few steps (tests)")
     add_jobs_threads(p, jobs=None)
     add_out(p, "output folder (default runs/bench_rsd[_quick|_smoke])", type=Path)
     a = p.parse_args()
@@ -174,6 +184,8 @@ def main() -> None:
                    flops_ratio_rsd_target=rsd["flops"] / target["flops"],
                    flops_ratio_rsd_target_generated=rsd["flops_generated"] / target["flops_generated"],
                    acceptance_rate=rsd["acceptance_rate"], target_step_share=rsd["target_step_share"],
+                   acc_rsd_oracle=res["rsd_oracle"]["acc"],
+                   flops_ratio_rsd_oracle_target=res["rsd_oracle"]["flops"] / target["flops"],
                    acc_bon=res[f"bon_{cfg['bon']}"]["acc"],
                    flops_ratio_bon_target=res[f"bon_{cfg['bon']}"]["flops"] / target["flops"])
     for delta in cfg["deltas"]:

@@ -141,32 +141,30 @@ def cmd_hints(args) -> int:
     return 0
 
 
-def cmd_sample(args) -> int:
+def _run_data_command(args, config_cls, make_recipe, where: str) -> int:
+    """Build ``config_cls`` from the flags, run the one-stage recipe ``make_recipe`` returns, print its summary."""
     from .config import from_arguments
-    from .methods.sample import SampleConfig, sample_recipe
     from .pipeline import run_recipe
 
-    config = from_arguments(SampleConfig, args, "rlkit sample")
-    recipe = sample_recipe(args.model, args.data, args.out, config, split=args.split, limit=args.limit,
-                           template=args.template, path=args.path, rewards=args.reward, seed=args.seed,
-                           dtype=args.dtype)
+    config = from_arguments(config_cls, args, where)
+    recipe = make_recipe(args.model, args.data, args.out, config, split=args.split, limit=args.limit,
+                         template=args.template, path=args.path, rewards=args.reward, seed=args.seed,
+                         dtype=args.dtype)
     summary = run_recipe(recipe)[0]
     print(json.dumps({k: v for k, v in summary.items() if k != "stage"}, indent=2))
     return 0
+
+
+def cmd_sample(args) -> int:
+    from .methods.sample import SampleConfig, sample_recipe
+
+    return _run_data_command(args, SampleConfig, sample_recipe, "rlkit sample")
 
 
 def cmd_prm_label(args) -> int:
-    from .config import from_arguments
     from .methods.prm.labels import PRMLabelConfig, label_recipe
-    from .pipeline import run_recipe
 
-    config = from_arguments(PRMLabelConfig, args, "rlkit prm label")
-    recipe = label_recipe(args.model, args.data, args.out, config, split=args.split, limit=args.limit,
-                          template=args.template, path=args.path, rewards=args.reward, seed=args.seed,
-                          dtype=args.dtype)
-    summary = run_recipe(recipe)[0]
-    print(json.dumps({k: v for k, v in summary.items() if k != "stage"}, indent=2))
-    return 0
+    return _run_data_command(args, PRMLabelConfig, label_recipe, "rlkit prm label")
 
 
 def _settings(text: str) -> tuple[tuple[int, int], ...]:

@@ -222,6 +222,29 @@ class TrainerMethod(Method):
             ctx.close()
 
 
+class LoggedMetricsMixin:
+    """For a ``transformers.Trainer`` whose ``compute_loss`` appends figures to ``self._metrics[mode][name]``
+    (mode ``train`` / ``eval``; set ``self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}``):
+    ``log`` adds their means to every log line (``eval_``-prefixed in evaluation) and clears them, and
+    ``prediction_step`` returns the loss only (the trainer's own batches have no labels for ``Trainer``)."""
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        import torch
+
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        if mode == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        super().log({**logs, **metrics}, start_time)
+        self._metrics[mode].clear()
+
+
 def save_final(trainer: Any, tokenizer: Any, final: Path) -> str:
     """Save a trainer's model (merged LoRA if any) and tokenizer as safetensors in ``final``, then mark it done."""
     model = trainer.model

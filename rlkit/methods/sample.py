@@ -81,17 +81,43 @@ class SampleConfig:
             raise ValueError("batch_size and chunk_size must be at least 1")
 
 
-def _read_rows(path: Path) -> list[dict]:
-    """The complete rows of a samples file; a half-written last line (a killed run) is dropped from the file."""
+def read_complete_rows(path: Path, who: str = "sample") -> list[dict]:
+    """The complete rows of a jsonl a resumable stage appends to; a half-written last line (a killed run) is
+    dropped from the file (``who`` names the stage in the message)."""
     if not path.is_file():
         return []
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         cut = data.rfind(b"\n") + 1
-        print(f"[rlkit] sample: dropping a half-written last line of {path}", flush=True)
+        print(f"[rlkit] {who}: dropping a half-written last line of {path}", flush=True)
         path.write_bytes(data[:cut])
         data = data[:cut]
     return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+def check_backend(run, backend: str, where: str) -> None:
+    """Recipe-time checks of a generating stage's back end: vLLM loads models by path (not the in-memory tiny
+    model) and does not take rlkit's key-cache compression."""
+    if backend == "vllm" and run.model.name == "tiny":
+        raise RecipeError(f"{where}.backend: vLLM cannot load the in-memory 'tiny' model; use backend hf "
+                          "or a saved model")
+    if backend == "vllm" and run.kv_cache.kind != "none":
+        raise RecipeError(f"{where}.backend: kv_cache {run.kv_cache.kind!r} compresses HF generate only")
+
+
+def write_resume_meta(path: Path, meta_path: Path, config, run, model_name: str) -> None:
+    """Record the settings a resumable stage writes ``path`` with in ``meta_path``; when ``path`` already holds
+    rows written with other settings, a RecipeError names what differs (resuming would mix them)."""
+    meta = {"config": asdict(config), "model": model_name, "seed": run.seed, "data": asdict(run.data.train),
+            "rewards": [asdict(r) for r in run.rewards]}
+    meta = json.loads(json.dumps(meta, default=str))
+    if path.is_file() and meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        if old != meta:
+            changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+            raise RecipeError(f"{path} was written with other settings ({', '.join(changed)} differ); delete "
+                              "it or use another output_dir")
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 @register_method
@@ -105,11 +131,7 @@ class SampleMethod(Method):
     config = SampleConfig
 
     def check(self, run, config: SampleConfig, where: str) -> None:
-        if config.backend == "vllm" and run.model.name == "tiny":
-            raise RecipeError(f"{where}.backend: vLLM cannot load the in-memory 'tiny' model; use backend hf "
-                              "or a saved model")
-        if config.backend == "vllm" and run.kv_cache.kind != "none":
-            raise RecipeError(f"{where}.backend: kv_cache {run.kv_cache.kind!r} compresses HF generate only")
+        check_backend(run, config.backend, where)
 
     def loads(self, run) -> str:
         return "tokenizer" if run.args.get("backend") == "vllm" else "model"
@@ -127,19 +149,10 @@ class SampleMethod(Method):
         out.mkdir(parents=True, exist_ok=True)
         path, meta_path = out / f"{DATASET}.jsonl", out / f"{DATASET}.meta.json"
         model_name = ctx.model_path or run.model.name
-        meta = {"config": asdict(config), "model": model_name, "seed": run.seed, "data": asdict(run.data.train),
-                "rewards": [asdict(r) for r in run.rewards]}
-        meta = json.loads(json.dumps(meta, default=str))
-        if path.is_file() and meta_path.is_file():
-            old = json.loads(meta_path.read_text())
-            if old != meta:
-                changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-                raise RecipeError(f"{path} was written with other settings ({', '.join(changed)} differ); delete "
-                                  "it or use another output_dir")
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        write_resume_meta(path, meta_path, config, run, model_name)
 
         rows = build_dataset(run.data.train, ctx.tokenizer).to_list()
-        done = {r["prompt_index"] for r in _read_rows(path)}
+        done = {r["prompt_index"] for r in read_complete_rows(path)}
         todo = [i for i in range(len(rows)) if i not in done]
         funcs = build_reward_funcs(run.rewards)
         weights = [r.weight for r in run.rewards]
@@ -191,7 +204,7 @@ class SampleMethod(Method):
             bar.update(len(chunk))
             bar.set_postfix(ok=counts.get("ok", 0), written=written)
         bar.close()
-        total = _read_rows(path) if _main() else []
+        total = read_complete_rows(path) if _main() else []
         ok = sum(r["status"] == "ok" for r in total)
         summary = {"samples": len(total), "prompts": len(rows), "written_now": written,
                    "ok_rate": round(ok / len(total), 4) if total else None, "status": _status_counts(total)}
@@ -226,17 +239,27 @@ def _main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def one_stage_recipe(method: str, model: str, data: str, out: str, config, split: str = "test",
+                     limit: int | None = None, template: str = "auto", path: str | None = None,
+                     rewards: list[str] | None = None, seed: int = 0, dtype: str = "auto", engine: dict | None = None):
+    """The one-stage recipe a data command (``rlkit sample``, ``rlkit prm label``) runs: ``method`` with
+    ``config`` (its args dataclass) on ``data``, scored by ``rewards`` (default math_accuracy); validated like
+    any recipe."""
+    from ..recipe import recipe_from_dict
+
+    raw = {"method": method, "seed": seed, "output_dir": out, "plot": False,
+           "model": {"name": model, "dtype": dtype},
+           "data": {"train": {"name": data, "split": split, "limit": limit, "template": template, "path": path}},
+           "rewards": [{"name": r} for r in (rewards or ["math_accuracy"])],
+           "args": dict(asdict(config))}
+    if engine:
+        raw["reward_engine"] = engine
+    return recipe_from_dict(raw)
+
+
 def sample_recipe(model: str, data: str, out: str, config: SampleConfig, split: str = "test", limit: int | None = None,
                   template: str = "auto", path: str | None = None, rewards: list[str] | None = None,
                   seed: int = 0, dtype: str = "auto", engine: dict | None = None):
     """The one-stage recipe ``rlkit sample`` runs (validated like any recipe)."""
-    from ..recipe import recipe_from_dict
-
-    raw = {"method": "sample", "seed": seed, "output_dir": out, "plot": False,
-           "model": {"name": model, "dtype": dtype},
-           "data": {"train": {"name": data, "split": split, "limit": limit, "template": template, "path": path}},
-           "rewards": [{"name": r} for r in (rewards or ["math_accuracy"])],
-           "args": {k: v for k, v in asdict(config).items()}}
-    if engine:
-        raw["reward_engine"] = engine
-    return recipe_from_dict(raw)
+    return one_stage_recipe("sample", model, data, out, config, split, limit, template, path, rewards, seed, dtype,
+                            engine)

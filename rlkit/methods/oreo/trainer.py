@@ -40,7 +40,7 @@ from transformers import Trainer, TrainingArguments
 from ...config import RecipeError
 from ...value import ValueModel, enable_checkpointing, is_value_model_dir
 from .. import register_method
-from ..base import DONE_MARKER, StageOutput, TrainerMethod
+from ..base import DONE_MARKER, LoggedMetricsMixin, StageOutput, TrainerMethod
 from . import losses as L
 from .data import OREOCollator, OREODataset, OREOExample, load_oreo_rows, normalize_rows, tokenize_rows
 
@@ -169,7 +169,7 @@ class OREOModel(nn.Module):
         self.critic.activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
 
-class OREOTrainer(Trainer):
+class OREOTrainer(LoggedMetricsMixin, Trainer):
     """OREO on a ``transformers.Trainer`` (module docstring).
 
     ``model``: the policy (trained in place); ``ref_model``: the frozen reference (default: a deep copy of the
@@ -311,21 +311,6 @@ class OREOTrainer(Trainer):
         for name, value in zip(("value_loss", "policy_loss", "kl", "value_s0", "reward", "beta_logratio_s0"), stats):
             self._metrics[mode][name].append(value)
         return (loss, out) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
-        if mode == "eval":
-            metrics = {f"eval_{k}": v for k, v in metrics.items()}
-        logs = {**logs, **metrics}
-        super().log(logs, start_time)
-        self._metrics[mode].clear()
 
     # ---- saving and loading: policy in the folder, critic in critic/ ------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

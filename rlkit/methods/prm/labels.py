@@ -36,11 +36,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from ...config import RecipeError
 from .. import register_method
 from ..base import Method, StageOutput
 
@@ -257,16 +256,10 @@ class PRMLabelConfig:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    """The complete rows of a labels file; a half-written last line (a killed run) is dropped from the file."""
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        print(f"[rlkit] prm_label: dropping a half-written last line of {path}", flush=True)
-        path.write_bytes(data[:cut])
-        data = data[:cut]
-    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+    """The complete rows of a labels file (a half-written last line is dropped from the file)."""
+    from ..sample import read_complete_rows
+
+    return read_complete_rows(path, "prm_label")
 
 
 def load_label_inputs(spec: Any, tokenizer: Any = None) -> tuple[list[dict], str]:
@@ -324,11 +317,9 @@ class PRMLabelMethod(Method):
     config = PRMLabelConfig
 
     def check(self, run, config: PRMLabelConfig, where: str) -> None:
-        if config.backend == "vllm" and run.model.name == "tiny":
-            raise RecipeError(f"{where}.backend: vLLM cannot load the in-memory 'tiny' model; use backend hf "
-                              "or a saved model")
-        if config.backend == "vllm" and run.kv_cache.kind != "none":
-            raise RecipeError(f"{where}.backend: kv_cache {run.kv_cache.kind!r} compresses HF generate only")
+        from ..sample import check_backend
+
+        check_backend(run, config.backend, where)
 
     def loads(self, run) -> str:
         return "tokenizer" if run.args.get("backend") == "vllm" else "model"
@@ -345,16 +336,9 @@ class PRMLabelMethod(Method):
         out.mkdir(parents=True, exist_ok=True)
         path, meta_path = out / f"{DATASET}.jsonl", out / f"{DATASET}.meta.json"
         model_name = ctx.model_path or run.model.name
-        meta = {"config": asdict(config), "model": model_name, "seed": run.seed, "data": asdict(run.data.train),
-                "rewards": [asdict(r) for r in run.rewards]}
-        meta = json.loads(json.dumps(meta, default=str))
-        if path.is_file() and meta_path.is_file():
-            old = json.loads(meta_path.read_text())
-            if old != meta:
-                changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-                raise RecipeError(f"{path} was written with other settings ({', '.join(changed)} differ); delete "
-                                  "it or use another output_dir")
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        from ..sample import write_resume_meta
+
+        write_resume_meta(path, meta_path, config, run, model_name)
 
         rows, source = load_label_inputs(run.data.train, ctx.tokenizer)
         done = {r["row_index"] for r in _read_rows(path)}
@@ -502,13 +486,7 @@ def label_recipe(model: str, data: str, out: str, config: PRMLabelConfig, split:
                  limit: int | None = None, template: str = "auto", path: str | None = None,
                  rewards: list[str] | None = None, seed: int = 0, dtype: str = "auto", engine: dict | None = None):
     """The one-stage recipe ``rlkit prm label`` runs (validated like any recipe)."""
-    from ...recipe import recipe_from_dict
+    from ..sample import one_stage_recipe
 
-    raw = {"method": "prm_label", "seed": seed, "output_dir": out, "plot": False,
-           "model": {"name": model, "dtype": dtype},
-           "data": {"train": {"name": data, "split": split, "limit": limit, "template": template, "path": path}},
-           "rewards": [{"name": r} for r in (rewards or ["math_accuracy"])],
-           "args": dict(asdict(config))}
-    if engine:
-        raw["reward_engine"] = engine
-    return recipe_from_dict(raw)
+    return one_stage_recipe("prm_label", model, data, out, config, split, limit, template, path, rewards, seed,
+                            dtype, engine)

@@ -35,7 +35,7 @@ from ...config import RecipeError
 from ...process_reward import (AGGREGATES, DEFAULT_STEP_TAG, META_FILE, ProcessRewardModel, encode_tagged,
                                label_token_ids, tag_ids, two_logits, write_meta)
 from .. import register_method
-from ..base import DONE_MARKER, StageOutput, TrainerMethod
+from ..base import DONE_MARKER, LoggedMetricsMixin, StageOutput, TrainerMethod
 
 __all__ = ["PRMCollator", "PRMConfig", "PRMMethod", "PRMTrainer", "prm_loss", "tokenize_prm_rows"]
 
@@ -221,7 +221,7 @@ def prm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # Trainer
 
 
-class PRMTrainer(Trainer):
+class PRMTrainer(LoggedMetricsMixin, Trainer):
     """A ``transformers.Trainer`` with the soft-label loss at the step tags (module docstring). ``train_dataset``:
     rows (dicts) or already tokenised items; checkpoints are loadable PRMs (``prm.json`` beside the weights)."""
 
@@ -260,20 +260,6 @@ class PRMTrainer(Trainer):
         for name, value in zip(("step_accuracy", "mean_score", "mean_label"), stats):
             self._metrics[mode][name].append(value)
         return (loss, {"logits": logits}) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
-        if mode == "eval":
-            metrics = {f"eval_{k}": v for k, v in metrics.items()}
-        super().log({**logs, **metrics}, start_time)
-        self._metrics[mode].clear()
 
     def prm_meta(self) -> dict:
         args: PRMConfig = self.args
