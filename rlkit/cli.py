@@ -114,7 +114,8 @@ def cmd_eval(args) -> int:
                        output_dir=args.output_dir, dtype=args.dtype, kv_cache=kv if kv.kind != "none" else None,
                        vllm=vllm, path=args.path, decoder=args.decoder, value_model=args.value_model,
                        search=search_settings(args), draft=args.draft, target=args.target, scorer=args.scorer,
-                       rsd=rsd_settings(args), select=args.select)
+                       rsd=rsd_settings(args), select=args.select,
+                       synthetic=_key_values({}, args.synthetic, "--synthetic", "max_operand=12"))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -252,6 +253,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     e.add_argument("--output-dir", default=None, help="where completions.jsonl and summary.json go")
     e.add_argument("--path", default=None, help="local jsonl file (or folder) for a known benchmark")
+    e.add_argument("--synthetic", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the synthetic task for --benchmark synthetic (repeatable), e.g. max_operand=12 "
+                        "min_ops=2 max_ops=4 to match a tiny recipe's data")
     e.add_argument("--vllm-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a vLLM setting for --backend vllm (repeatable): enforce_eager, cpu_kvcache_space, "
                         "max_model_len, gpu_memory_utilization (dtype comes from --dtype)")

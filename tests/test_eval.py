@@ -4,6 +4,7 @@ generator, a real run on a tiny random model, and the output files."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -183,6 +184,17 @@ def test_run_eval_on_saved_checkpoint(tiny_model, tmp_path):
     assert summary["n"] == 3 and summary["benchmark"] == "synthetic" and summary["model"] == str(ckpt)
     assert len((out / "completions.jsonl").read_text().splitlines()) == 3
     assert json.loads((out / "summary.json").read_text())["pass@1"] == summary["pass@1"]
+    # --synthetic: the task's options (a tiny recipe's operands), so the questions are that distribution's
+    from rlkit.cli import main
+
+    out2 = tmp_path / "eval_small"
+    assert main(["eval", "--model", str(ckpt), "--benchmark", "synthetic", "--limit", "20", "--max-new-tokens", "2",
+                 "--template", "plain", "--synthetic", "max_operand=5", "--synthetic", "max_ops=2",
+                 "--output-dir", str(out2)]) == 0
+    questions = [json.loads(x)["question"] for x in (out2 / "completions.jsonl").read_text().splitlines()]
+    numbers = [int(n) for q in questions for n in re.findall(r"\d+", q)]
+    assert len(questions) == 20 and max(numbers) <= 5 and all(q.count("+") + q.count("-") <= 2 for q in questions)
+    assert main(["eval", "--model", str(ckpt), "--benchmark", "gsm8k", "--synthetic", "max_operand=5"]) == 2
 
 
 @pytest.mark.parametrize("model", ["tiny", "/no/such/model/dir"])

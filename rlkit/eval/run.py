@@ -109,8 +109,8 @@ def _decoding_model(name: str, dtype: str, backend: str):
     return DecodingModel(lm, tokenizer, path=name)
 
 
-def _run_rsd(model, benchmark, split, limit, temperature, max_new_tokens, batch_size, backend, template, dtype, vllm,
-             path, draft, target, scorer, rsd) -> tuple[dict, list[dict], object]:
+def _run_rsd(model, data, temperature, max_new_tokens, batch_size, backend, dtype, vllm, draft, target, scorer,
+             rsd) -> tuple[dict, list[dict], object]:
     from ..process_reward import load_step_scorer
     from ..rollout.rsd import RSDSettings
 
@@ -132,8 +132,7 @@ def _run_rsd(model, benchmark, split, limit, temperature, max_new_tokens, batch_
     draft_lm = _decoding_model(draft, dtype, backend)
     target_lm = _decoding_model(target, dtype, backend)
     step_scorer = load_step_scorer(scorer, tokenizer=target_lm.tokenizer, dtype=dtype)
-    ds = build_dataset(DatasetSpec(name=benchmark, split=split, limit=limit, template=template, path=path),
-                       draft_lm.tokenizer)
+    ds = build_dataset(data, draft_lm.tokenizer)
     try:
         summary, records = evaluate_rsd(draft_lm, target_lm, ds.to_list(), step_scorer, settings)
     finally:
@@ -171,7 +170,7 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
              template: str = "auto", output_dir: str | None = None, dtype: str = "auto",
              kv_cache=None, vllm=None, path: str | None = None, decoder: str = "greedy",
              value_model: str | None = None, search=None, draft: str | None = None, target: str | None = None,
-             scorer: str | None = None, rsd=None, select: str | None = None) -> dict:
+             scorer: str | None = None, rsd=None, select: str | None = None, synthetic: dict | None = None) -> dict:
     """Evaluate ``model`` on ``benchmark``; ``kv_cache`` is an ``rlkit.kvcache.KVCacheConfig`` (HF backend),
     ``vllm`` an ``rlkit.rollout.VLLMSettings`` (vLLM backend; its dtype defaults to ``dtype``), ``path`` a local
     jsonl for a known benchmark.
@@ -189,15 +188,25 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
     and FLOPs per model.
 
     ``select`` (``prm:DIR``, ``orm:DIR``, ``majority`` or ``first``, with ``samples``): best-of-N, one of the
-    samples chosen per problem (see ``rlkit.eval.select``), ``bon@{samples}`` in the summary."""
+    samples chosen per problem (see ``rlkit.eval.select``), ``bon@{samples}`` in the summary.
+
+    ``synthetic``: options of the synthetic task (``benchmark="synthetic"`` only), e.g. a recipe's
+    ``{max_operand: 12, min_ops: 2, max_ops: 4}``, so a model is evaluated on the distribution it trained on."""
     from ..models import load_model, load_tokenizer
+
+    if synthetic and benchmark != "synthetic":
+        from ..config import ConfigError
+
+        raise ConfigError("--synthetic options apply to --benchmark synthetic only")
+    data = DatasetSpec(name=benchmark, split=split, limit=limit, template=template, path=path,
+                       synthetic=dict(synthetic or {}))
 
     _check_decoder(decoder, backend, value_model, samples, kv_cache, model, draft, target, scorer, select)
     if decoder == "value_search":
         check_value_model_dir(value_model)  # before the policy loads
     if decoder == "rsd":
-        summary, records, vllm = _run_rsd(model, benchmark, split, limit, temperature, max_new_tokens, batch_size,
-                                          backend, template, dtype, vllm, path, draft, target, scorer, rsd)
+        summary, records, vllm = _run_rsd(model, data, temperature, max_new_tokens, batch_size, backend, dtype, vllm,
+                                          draft, target, scorer, rsd)
         return _finish(summary, records, benchmark, split, backend, kv_cache, vllm if backend == "vllm" else None,
                        output_dir, f"rsd-{Path(draft).name}-{Path(summary['target']).name}")
     _reject_tiny(model)
@@ -225,8 +234,7 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
             lm = lm.to("cuda")
         model_path = model
     critic = load_value_model(value_model, tokenizer, dtype) if decoder == "value_search" else None
-    ds = build_dataset(DatasetSpec(name=benchmark, split=split, limit=limit, template=template, path=path),
-                       tokenizer)
+    ds = build_dataset(data, tokenizer)
     if decoder == "value_search":
         from ..rollout.search import SearchSettings, parse_step_stops
 
