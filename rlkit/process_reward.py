@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .value import encode_prompt
+from .value import encode_prompt, is_format_dir
 
 __all__ = ["AGGREGATES", "FORMAT", "META_FILE", "ProcessRewardModel", "aggregate_scores", "encode_tagged",
            "is_prm_dir", "label_token_ids", "load_step_scorer", "tag_ids"]
@@ -45,13 +45,7 @@ DEFAULT_STEP_TAG = " ки"
 
 def is_prm_dir(path: str | Path) -> bool:
     """Whether ``path`` holds a saved :class:`ProcessRewardModel` (its ``prm.json`` says ``rlkit-prm``)."""
-    meta = Path(path) / META_FILE
-    if not meta.is_file():
-        return False
-    try:
-        return json.loads(meta.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, AttributeError):
-        return False
+    return is_format_dir(path, META_FILE, FORMAT)
 
 
 def aggregate_scores(scores: Sequence[float], how: str = "min") -> float:

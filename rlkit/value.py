@@ -43,15 +43,20 @@ META_FILE = "value_model.json"
 LORA_DIR = "lora"
 
 
-def is_value_model_dir(path: str | Path) -> bool:
-    """Whether ``path`` holds a saved :class:`ValueModel` (its ``value_model.json`` says ``rlkit-value``)."""
-    meta = Path(path) / META_FILE
+def is_format_dir(path: str | Path, meta_file: str, fmt: str) -> bool:
+    """Whether ``path/meta_file`` is a JSON object whose ``format`` is ``fmt`` (how rlkit marks saved models)."""
+    meta = Path(path) / meta_file
     if not meta.is_file():
         return False
     try:
-        return json.loads(meta.read_text()).get("format") == FORMAT
+        return json.loads(meta.read_text()).get("format") == fmt
     except (json.JSONDecodeError, AttributeError):
         return False
+
+
+def is_value_model_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a saved :class:`ValueModel` (its ``value_model.json`` says ``rlkit-value``)."""
+    return is_format_dir(path, META_FILE, FORMAT)
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:

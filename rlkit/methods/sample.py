@@ -120,21 +120,28 @@ def write_resume_meta(path: Path, meta_path: Path, config, run, model_name: str)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
-@register_method
-class SampleMethod(Method):
-    """Generate, score and write completions (see the module docstring)."""
+class GeneratingMethod(Method):
+    """A non-training stage that generates with the stage's model through ``rlkit.rollout`` and scores with the
+    recipe's rewards (``sample``, ``prm_label``): its config has a ``backend``; with vLLM only the tokenizer loads
+    here (the engine loads the model by path)."""
 
-    name = "sample"
     section = "args"
     rewards = "required"
-    outputs = (DATASET,)
-    config = SampleConfig
 
-    def check(self, run, config: SampleConfig, where: str) -> None:
+    def check(self, run, config, where: str) -> None:
         check_backend(run, config.backend, where)
 
     def loads(self, run) -> str:
         return "tokenizer" if run.args.get("backend") == "vllm" else "model"
+
+
+@register_method
+class SampleMethod(GeneratingMethod):
+    """Generate, score and write completions (see the module docstring)."""
+
+    name = "sample"
+    outputs = (DATASET,)
+    config = SampleConfig
 
     def run(self, run, ctx) -> StageOutput:
         from tqdm.auto import tqdm

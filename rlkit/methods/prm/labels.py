@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from .. import register_method
-from ..base import Method, StageOutput
+from ..base import StageOutput
+from ..sample import GeneratingMethod
 
 DATASET = "labels"
 KINDS = ("er", "hard", "soft")
@@ -307,22 +308,12 @@ def load_label_inputs(spec: Any, tokenizer: Any = None) -> tuple[list[dict], str
 
 
 @register_method
-class PRMLabelMethod(Method):
+class PRMLabelMethod(GeneratingMethod):
     """Step labels from rollouts (see the module docstring)."""
 
     name = "prm_label"
-    section = "args"
-    rewards = "required"
     outputs = (DATASET,)
     config = PRMLabelConfig
-
-    def check(self, run, config: PRMLabelConfig, where: str) -> None:
-        from ..sample import check_backend
-
-        check_backend(run, config.backend, where)
-
-    def loads(self, run) -> str:
-        return "tokenizer" if run.args.get("backend") == "vllm" else "model"
 
     def run(self, run, ctx) -> StageOutput:
         from tqdm.auto import tqdm
