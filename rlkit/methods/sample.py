@@ -68,17 +68,24 @@ class SampleConfig:
     def __post_init__(self):
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {self.num_samples}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.temperature == 0 and self.num_samples > 1:
-            raise ValueError("temperature 0 is greedy decoding: every sample would be the same; set num_samples: 1 "
-                             "or a temperature > 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.batch_size < 1 or self.chunk_size < 1:
-            raise ValueError("batch_size and chunk_size must be at least 1")
+        check_generation_fields(self, self.num_samples, "num_samples", "sample")
+
+
+def check_generation_fields(config, count: int, count_name: str, noun: str) -> None:
+    """The checks every generating stage's config shares (``max_new_tokens``, ``temperature``, ``top_p``,
+    ``batch_size``, ``chunk_size``); ``count`` completions of each input (``count_name``, each a ``noun``) must
+    not be asked of greedy decoding."""
+    if config.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {config.max_new_tokens}")
+    if config.temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {config.temperature}")
+    if config.temperature == 0 and count > 1:
+        raise ValueError(f"temperature 0 is greedy decoding: every {noun} would be the same; set {count_name}: 1 "
+                         "or a temperature > 0")
+    if not 0 < config.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {config.top_p}")
+    if config.batch_size < 1 or config.chunk_size < 1:
+        raise ValueError("batch_size and chunk_size must be at least 1")
 
 
 def read_complete_rows(path: Path, who: str = "sample") -> list[dict]:

@@ -42,7 +42,7 @@ from typing import Any, Literal, Sequence
 
 from .. import register_method
 from ..base import StageOutput
-from ..sample import GeneratingMethod
+from ..sample import GeneratingMethod, check_generation_fields
 
 DATASET = "labels"
 KINDS = ("er", "hard", "soft")
@@ -243,17 +243,7 @@ class PRMLabelConfig:
             raise ValueError(f"max_steps must be at least 1 (or null: every step), got {self.max_steps}")
         if self.round_digits is not None and self.round_digits < 0:
             raise ValueError(f"round_digits must be >= 0 (or null: no rounding), got {self.round_digits}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.temperature == 0 and self.num_rollouts > 1:
-            raise ValueError("temperature 0 is greedy decoding: every rollout would be the same; set num_rollouts: 1 "
-                             "or a temperature > 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.batch_size < 1 or self.chunk_size < 1:
-            raise ValueError("batch_size and chunk_size must be at least 1")
+        check_generation_fields(self, self.num_rollouts, "num_rollouts", "rollout")
 
 
 def _read_rows(path: Path) -> list[dict]:

@@ -22,7 +22,6 @@ See ``docs/methods/er_prm.md``.
 from __future__ import annotations
 
 import math
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from ...config import RecipeError
 from ...process_reward import (AGGREGATES, DEFAULT_STEP_TAG, META_FILE, ProcessRewardModel, encode_tagged,
                                label_token_ids, tag_ids, two_logits, write_meta)
 from .. import register_method
-from ..base import DONE_MARKER, LoggedMetricsMixin, StageOutput, TrainerMethod
+from ..base import LoggedMetricsMixin, StageOutput, TrainerMethod, save_final
 
 __all__ = ["PRMCollator", "PRMConfig", "PRMMethod", "PRMTrainer", "prm_loss", "tokenize_prm_rows"]
 
@@ -317,13 +316,10 @@ class PRMMethod(TrainerMethod):
 
     def finish(self, trainer: PRMTrainer, ctx: Any) -> StageOutput:
         final = Path(ctx.final_dir)
-        if trainer.accelerator.is_main_process:
+        if trainer.accelerator.is_main_process:  # prm.json first: the done marker save_final writes comes last
             final.mkdir(parents=True, exist_ok=True)
-            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(final, safe_serialization=True)
-            ctx.tokenizer.save_pretrained(final)
             write_meta(final, trainer.prm_meta())
-            (final / DONE_MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
-        trainer.accelerator.wait_for_everyone()
+        save_final(trainer, ctx.tokenizer, final)
         losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
         return StageOutput(model=str(final), summary={"prm": str(final / META_FILE), "kind": trainer.args.kind,
                                                       "final_loss": losses[-1] if losses else None})
