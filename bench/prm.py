@@ -98,9 +98,10 @@ def bon_curves(correct: list[list[bool]], answers: list[list[str | None]], score
     return out
 
 
-def evaluate(run_dir: Path, p: dict, names: dict[str, str], threads: int) -> dict:
-    """Sample ``n_max`` solutions per test problem from the generator, score them with every reward model, and
-    compute the best-of-N curves (plus each model's ranking AUC on the candidates)."""
+def evaluate(run_dir: Path, p: dict, name_sets: list[dict[str, str]], threads: int) -> list[dict]:
+    """Sample ``n_max`` solutions per test problem from the generator once, score them with every reward model
+    of each set in ``name_sets`` (one set per PRM seed: kind -> stage), and compute each set's best-of-N curves
+    (plus each model's ranking AUC on the candidates)."""
     import torch
 
     from rlkit.data import build_dataset
@@ -124,18 +125,21 @@ def evaluate(run_dir: Path, p: dict, names: dict[str, str], threads: int) -> dic
     answers = [[x["extracted"] for x in r["samples"]] for r in recs]
     prompts = [r["prompt"] for r in rows for _ in range(p["n_max"])]
     texts = [x["completion"] for r in recs for x in r["samples"]]
-    scores, aucs = {}, {}
-    t0 = time.time()
-    for kind, stage in names.items():
-        rm = ProcessRewardModel.from_pretrained(run_dir / stage / "final")
-        rm.batch_size = 256
-        flat = rm.score_texts(prompts, texts)
-        scores[kind] = [flat[i * p["n_max"]:(i + 1) * p["n_max"]] for i in range(len(rows))]
-        aucs[kind] = auc(flat, [c for r in correct for c in r])
-    score_s = time.time() - t0
-    curves = bon_curves(correct, answers, scores, p["ns"])
-    return {"greedy": s["pass@1"], "sampled": s["pass@1(sampled)"], "curves": curves, "auc": aucs,
-            "sample_seconds": round(sample_s, 1), "score_seconds": round(score_s, 1)}
+    runs = []
+    for names in name_sets:
+        scores, aucs = {}, {}
+        t0 = time.time()
+        for kind, stage in names.items():
+            rm = ProcessRewardModel.from_pretrained(run_dir / stage / "final")
+            rm.batch_size = 256
+            flat = rm.score_texts(prompts, texts)
+            scores[kind] = [flat[i * p["n_max"]:(i + 1) * p["n_max"]] for i in range(len(rows))]
+            aucs[kind] = auc(flat, [c for r in correct for c in r])
+        runs.append({"greedy": s["pass@1"], "sampled": s["pass@1(sampled)"],
+                     "curves": bon_curves(correct, answers, scores, p["ns"]), "auc": aucs,
+                     "score_seconds": round(time.time() - t0, 1)})
+    runs[0]["sample_seconds"] = round(sample_s, 1)  # the candidates are sampled once, for every set
+    return runs
 
 
 def label_stats(run_dir: Path) -> dict:
@@ -165,10 +169,9 @@ def main() -> None:
     train_s = time.time() - t0
     stages = {s["name"]: s for s in recipe["stages"]}
     wall = {k: summary(out, k).get("wall_seconds") for k in stages}
-    runs = []
-    for seed in seeds:
-        names = {kind: (name if seed == seeds[0] else f"{name}_s{seed}") for kind, name in MODELS.items()}
-        runs.append(evaluate(out, cfg, names, a.threads))
+    name_sets = [{kind: (name if seed == seeds[0] else f"{name}_s{seed}") for kind, name in MODELS.items()}
+                 for seed in seeds]
+    runs = evaluate(out, cfg, name_sets, a.threads)
     labels = label_stats(out)
     ns = cfg["ns"]
     kinds = [*MODELS, "majority", "first", "oracle"]
@@ -183,7 +186,7 @@ def main() -> None:
     print("\nranking AUC of each reward model on the sampled solutions: " + ", ".join(
         f"{k} {statistics.mean(r['auc'][k] for r in runs):.3f}" for k in MODELS))
     print(f"\nwall: training pipeline {train_s:.0f} s (stages: {json.dumps(wall)}), evaluation "
-          f"{sum(r['sample_seconds'] + r['score_seconds'] for r in runs):.0f} s")
+          f"{runs[0]['sample_seconds'] + sum(r['score_seconds'] for r in runs):.0f} s")
     (out / "results.json").write_text(json.dumps({"preset": preset, "seeds": seeds, "runs": runs, "labels": labels,
                                                   "mean": mean, "wall": wall}, indent=2, default=str) + "\n")
     figures: dict = {}
