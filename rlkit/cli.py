@@ -115,7 +115,8 @@ def cmd_eval(args) -> int:
                        vllm=vllm, path=args.path, decoder=args.decoder, value_model=args.value_model,
                        search=search_settings(args), draft=args.draft, target=args.target, scorer=args.scorer,
                        rsd=rsd_settings(args), select=args.select,
-                       synthetic=_key_values({}, args.synthetic, "--synthetic", "max_operand=12"))
+                       synthetic=_key_values({}, args.synthetic, "--synthetic", "max_operand=12"),
+                       idk_phrases=args.idk_phrases, idk_lambda=args.idk_lambda)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -256,6 +257,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     e.add_argument("--synthetic", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the synthetic task for --benchmark synthetic (repeatable), e.g. max_operand=12 "
                         "min_ops=2 max_ops=4 to match a tiny recipe's data")
+    e.add_argument("--idk-phrases", default=None, metavar="LIST",
+                   help="also report Auto-CEI's precision (correct / non-IDK answers), idk_rate, accuracy and f: an "
+                        "answer is IDK when it contains a phrase of LIST (eval: the released MATH_eval.py list, "
+                        "reward: the released reward's list, or phrases separated by ';') or answers 'no answer'")
+    e.add_argument("--idk-lambda", type=float, default=0.2,
+                   help="lambda of f = (1 - lambda) precision + lambda (1 - idk_rate) (default 0.2, Auto-CEI's)")
     e.add_argument("--vllm-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a vLLM setting for --backend vllm (repeatable): enforce_eager, cpu_kvcache_space, "
                         "max_model_len, gpu_memory_utilization (dtype comes from --dtype)")

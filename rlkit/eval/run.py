@@ -170,7 +170,8 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
              template: str = "auto", output_dir: str | None = None, dtype: str = "auto",
              kv_cache=None, vllm=None, path: str | None = None, decoder: str = "greedy",
              value_model: str | None = None, search=None, draft: str | None = None, target: str | None = None,
-             scorer: str | None = None, rsd=None, select: str | None = None, synthetic: dict | None = None) -> dict:
+             scorer: str | None = None, rsd=None, select: str | None = None, synthetic: dict | None = None,
+             idk_phrases: str | list[str] | None = None, idk_lambda: float = 0.2) -> dict:
     """Evaluate ``model`` on ``benchmark``; ``kv_cache`` is an ``rlkit.kvcache.KVCacheConfig`` (HF backend),
     ``vllm`` an ``rlkit.rollout.VLLMSettings`` (vLLM backend; its dtype defaults to ``dtype``), ``path`` a local
     jsonl for a known benchmark.
@@ -191,8 +192,24 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
     samples chosen per problem (see ``rlkit.eval.select``), ``bon@{samples}`` in the summary.
 
     ``synthetic``: options of the synthetic task (``benchmark="synthetic"`` only), e.g. a recipe's
-    ``{max_operand: 12, min_ops: 2, max_ops: 4}``, so a model is evaluated on the distribution it trained on."""
+    ``{max_operand: 12, min_ops: 2, max_ops: 4}``, so a model is evaluated on the distribution it trained on.
+
+    ``idk_phrases`` (``eval``, ``reward``, ``"phrase1;phrase2"`` or a list; see :mod:`rlkit.eval.idk`): also report
+    Auto-CEI's refusal-aware figures, ``precision`` (correct / non-IDK), ``idk_rate``, ``accuracy`` (an IDK answer
+    is never correct) and ``f`` with lambda ``idk_lambda``, and mark every record ``idk``."""
     from ..models import load_model, load_tokenizer
+
+    phrases = None
+    if idk_phrases is not None:
+        from ..config import ConfigError
+        from .idk import parse_idk_phrases
+
+        try:
+            phrases = parse_idk_phrases(idk_phrases)
+            if not 0.0 <= idk_lambda <= 1.0:
+                raise ValueError(f"--idk-lambda must be in [0, 1], got {idk_lambda}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     if synthetic and benchmark != "synthetic":
         from ..config import ConfigError
@@ -208,7 +225,7 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
         summary, records, vllm = _run_rsd(model, data, temperature, max_new_tokens, batch_size, backend, dtype, vllm,
                                           draft, target, scorer, rsd)
         return _finish(summary, records, benchmark, split, backend, kv_cache, vllm if backend == "vllm" else None,
-                       output_dir, f"rsd-{Path(draft).name}-{Path(summary['target']).name}")
+                       output_dir, f"rsd-{Path(draft).name}-{Path(summary['target']).name}", phrases, idk_lambda)
     _reject_tiny(model)
     selector = None
     if select is not None:
@@ -260,12 +277,17 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
         summary["decoder"] = "greedy"
     summary["model"] = model
     return _finish(summary, records, benchmark, split, backend, kv_cache, vllm if backend == "vllm" else None,
-                   output_dir, Path(model).name)
+                   output_dir, Path(model).name, phrases, idk_lambda)
 
 
 def _finish(summary: dict, records: list[dict], benchmark: str, split: str, backend: str, kv_cache, vllm,
-            output_dir: str | None, name: str) -> dict:
-    """Add the run's settings to the summary and write completions.jsonl and summary.json."""
+            output_dir: str | None, name: str, idk_phrases=None, idk_lambda: float = 0.2) -> dict:
+    """Add the run's settings (and, with ``idk_phrases``, the IDK figures) to the summary and write
+    completions.jsonl and summary.json."""
+    if idk_phrases is not None:
+        from .idk import idk_summary
+
+        summary.update(idk_summary(records, idk_phrases, idk_lambda))
     summary.update({"benchmark": benchmark, "split": split, "backend": backend,
                     "kv_cache": kv_cache.to_dict() if kv_cache is not None else None,
                     "vllm": dataclasses.asdict(vllm) if vllm is not None else None})

@@ -30,6 +30,8 @@ _BUILTIN: dict[str, str] = {
     "prm": "rlkit.methods.prm.trainer",
     "prm_label": "rlkit.methods.prm.labels",
     "select": "rlkit.methods.select",
+    "autocei": "rlkit.methods.autocei.method",
+    "autocei_data": "rlkit.methods.autocei.data",
 }
 _METHODS: dict[str, type[Method]] = {}
 

@@ -68,13 +68,14 @@ def idk_reward(d: float, c1: float, c2: float) -> float:
     return 2.0 / (1.0 + math.exp(x)) - 1.0
 
 
-def autocei_reward(correct: bool, idk: bool, d: float, c1: float, c2: float) -> float:
-    """+1 for a correct answer, the curriculum reward :func:`idk_reward` for an IDK answer, else -1 (an answer that
-    is both right and says "I don't know" counts as correct, as the released code checks correctness first)."""
+def autocei_reward(correct: bool, idk: bool, d: float, c1: float, c2: float, idk_first: bool = False) -> float:
+    """+1 for a correct answer, the curriculum reward :func:`idk_reward` for an IDK answer, else -1. An answer that
+    is both right and says "I don't know" counts as correct, or, with ``idk_first``, as IDK: the released
+    ``reward_processor`` overwrites a correct answer's +1 with R(d) when it holds an IDK phrase."""
+    if idk and (idk_first or not correct):
+        return idk_reward(d, c1, c2)
     if correct:
         return 1.0
-    if idk:
-        return idk_reward(d, c1, c2)
     return -1.0
 
 
