@@ -23,9 +23,15 @@ from .config import RecipeError
 __all__ = ["MODEL_REWARDS", "check_rewards", "build_reward_funcs", "reward_weights_of", "answer_check_for",
            "make_reward_engine", "score", "score_mixed", "ScoredBatch"]
 
-MODEL_REWARDS = {"prm": ("rlkit.process_reward", "PRMReward")}
-"""Model-based rewards (they load a model, so they live in rlkit, not in the light ``rlkit_rewards``): name ->
-(module, class). They run in the trainer's process (``in_process``), never in the engine's workers."""
+MODEL_REWARDS = {
+    "prm": ("rlkit.process_reward", "PRMReward"),
+    "reward_model": ("rlkit.outcome_rewards", "RewardModelReward"),
+    "callable": ("rlkit.outcome_rewards", "CallableReward"),
+    "thought_solution": ("rlkit.methods.bolt.reward", "ThoughtSolutionReward"),
+}
+"""Model-based rewards (they load a model or user code, so they live in rlkit, not in the light ``rlkit_rewards``):
+name -> (module, class). They run in the trainer's process (``in_process``), never in the engine's workers. A
+class may declare ``check_options(**options)`` (recipe-time checks) and ``example`` (its options, for messages)."""
 
 
 def _check_model_reward(name: str, options: dict) -> None:
@@ -37,9 +43,13 @@ def _check_model_reward(name: str, options: dict) -> None:
     unknown = sorted(set(options) - set(params))
     if unknown:
         raise ValueError(f"reward {name!r} has no option {unknown[0]!r} (options: {', '.join(params)})")
+    klass = getattr(importlib.import_module(module), cls)
     missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in options]
     if missing:
-        raise ValueError(f"reward {name!r} needs option {missing[0]!r} (e.g. options: {{path: <prm run>/final}})")
+        example = getattr(klass, "example", "{path: <prm run>/final}")
+        raise ValueError(f"reward {name!r} needs option {missing[0]!r} (e.g. options: {example})")
+    if hasattr(klass, "check_options"):
+        klass.check_options(**options)
     if name == "prm" and options.get("aggregate") not in (None, "min", "last", "mean", "product"):
         raise ValueError(f"reward prm: aggregate must be min, last, mean or product, got {options['aggregate']!r}")
 
