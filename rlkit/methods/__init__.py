@@ -32,6 +32,8 @@ _BUILTIN: dict[str, str] = {
     "select": "rlkit.methods.select",
     "autocei": "rlkit.methods.autocei.method",
     "autocei_data": "rlkit.methods.autocei.data",
+    "bolt_bootstrap": "rlkit.methods.bolt.stage",
+    "bolt_sample": "rlkit.methods.bolt.stage",
 }
 _METHODS: dict[str, type[Method]] = {}
 
