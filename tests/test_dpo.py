@@ -11,7 +11,7 @@ import pytest
 import rlkit_rewards
 
 from rlkit.data import DataError, balance_rows
-from rlkit.methods.dpo import build_pairs, pair_indices
+from rlkit.methods.dpo import build_best_worst_pairs, build_pairs, pair_indices
 from rlkit.recipe import BalanceSpec, RecipeError, recipe_from_dict
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -82,6 +82,26 @@ def test_no_pair_and_bad_rows_are_one_clear_error():
         build_pairs([_row(0, 0, None)])
 
 
+def test_best_worst_pairs_from_hand_made_rows():
+    """pairs: best_worst (BOLT): one pair per prompt, the best and the worst sample by reward; a format violator
+    (format_ok false) ranks below every valid sample whatever its reward; all-equal prompts give no pair."""
+    def row(p, k, reward, ok=True):
+        return {**_row(p, k, reward), "format_ok": ok}
+
+    rows = ([row(0, k, r) for k, r in enumerate([0.2, 0.9, 0.5, 0.1])]                  # best 1, worst 3
+            + [row(1, k, r, ok) for k, (r, ok) in enumerate([(0.2, True), (0.9, False), (0.5, True)])]  # 1 violates
+            + [row(2, k, 1.0) for k in range(3)]                                           # all equal: no pair
+            + [row(3, 0, None, False), row(3, 1, 0.0), row(3, 2, 1.0), row(3, 3, None, False)]  # last violator
+            + [{**_row(4, 0, 0.3)}, {**_row(4, 1, 0.7)}])                                  # no format column: valid
+    pairs, stats = build_best_worst_pairs(rows[::-1])
+    assert {p: pair for p in range(5) if (pair := _pairs_of(pairs, p))} == \
+        {0: [(1, 3)], 1: [(2, 1)], 3: [(2, 3)], 4: [(1, 0)]}
+    assert stats["prompts_all_equal"] == 1 and stats["rejected_invalid"] == 2 and stats["pairs"] == 4
+    assert [p["rejected_valid"] for p in sorted(pairs, key=lambda p: p["prompt_index"])] == [True, False, False, True]
+    with pytest.raises(DataError, match="all rank the same"):
+        build_best_worst_pairs([row(0, 0, 1.0), row(0, 1, 1.0)])
+
+
 def test_recipe_checks():
     base = {"method": "dpo", "model": {"name": "tiny", "tiny": TINY}, "data": {"train": {"name": "jsonl:x.jsonl"}},
             "trainer": {"max_steps": 1}}
@@ -94,6 +114,8 @@ def test_recipe_checks():
         recipe_from_dict({**base, "trainer": {"max_pair_per_prompt": 3}})
     with pytest.raises(RecipeError, match="args: method 'dpo' trains: its settings go under `trainer:`"):
         recipe_from_dict({**base, "args": {"beta": 0.1}})
+    with pytest.raises(RecipeError, match="pairs must be correct_incorrect or best_worst"):
+        recipe_from_dict({**base, "trainer": {"pairs": "best"}})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,11 +14,21 @@ N), which walks every (positive, negative) combination once and uses each sample
 any is reused. The prompt is the row's rendered ``prompt`` (the text the model saw), chosen/rejected the
 completions as plain text (TRL appends EOS to them). ``limit`` caps the number of pairs. Every choice is listed
 in ``docs/methods/dpo.md``.
+
+``pairs: best_worst`` (BOLT's on-policy DPO, arXiv 2502.03860, Stage 3; :func:`build_best_worst_pairs`): one pair
+per prompt, chosen = the best sample by ``reward`` and rejected = the worst, samples whose ``valid_column``
+(``format_ok``, written by ``bolt_sample``) is false ranking below every valid one
+(:func:`rlkit.methods.bolt.core.dpo_pair`); no pair when all samples rank equal.
+
+The reference model is the stage's starting model (a frozen copy), or the model at ``ref_model`` (a folder,
+hub id or built-in name; in a staged recipe ``ref_model: {from: STAGE}`` names an earlier stage's model, e.g.
+BOLT's SFT model pi_0 for every DPO iteration).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -31,7 +41,7 @@ from . import register_method
 from .aux_loss import AuxLossMixin
 from .base import StageOutput, TrainerMethod
 
-__all__ = ["DPOMethod", "RLKitDPOConfig", "RLKitDPOTrainer", "build_pairs", "pair_indices"]
+__all__ = ["DPOMethod", "RLKitDPOConfig", "RLKitDPOTrainer", "build_best_worst_pairs", "build_pairs", "pair_indices"]
 
 SAMPLE_FIELDS = ("prompt_index", "prompt", "completion", "reward")
 
@@ -46,10 +56,20 @@ class RLKitDPOConfig(DPOConfig):
                                                                      "(the paper: 6)."})
     reward_threshold: float = field(default=0.5, metadata={"help": "A sample is positive (chosen side) when its "
                                                                    "reward is above this (0.5: rewards in {0, 1})."})
+    pairs: str = field(default="correct_incorrect", metadata={
+        "help": "correct_incorrect: up to max_pairs_per_prompt (positive, negative) pairs per prompt (OREO's DPO "
+                "baseline); best_worst: one pair per prompt, the best and the worst sample (BOLT)."})
+    valid_column: str = field(default="format_ok", metadata={
+        "help": "best_worst: rows whose column is false rank below every other (rows without it count as valid)."})
+    ref_model: str | None = field(default=None, metadata={
+        "help": "The frozen reference model: a folder, hub id or built-in name (staged recipes: {from: STAGE}); "
+                "None: the stage's starting model."})
 
     def __post_init__(self):
         if self.max_pairs_per_prompt < 1:
             raise ValueError(f"max_pairs_per_prompt must be at least 1, got {self.max_pairs_per_prompt}")
+        if self.pairs not in ("correct_incorrect", "best_worst"):
+            raise ValueError(f"pairs must be correct_incorrect or best_worst, got {self.pairs!r}")
         super().__post_init__()
 
 
@@ -112,6 +132,44 @@ def build_pairs(rows: list[dict], max_pairs_per_prompt: int = 6, threshold: floa
     return pairs, stats
 
 
+def build_best_worst_pairs(rows: list[dict], valid_column: str = "format_ok", bos_token: str | None = None,
+                           source: str = "dataset") -> tuple[list[dict], dict]:
+    """One (best, worst) pair per prompt of a sampling stage's rows (``pairs: best_worst``; module docstring):
+    samples whose ``valid_column`` is false rank below every valid one, then by ``reward`` (None: lowest); ties
+    give the first best and the last worst (``sample_index`` order). Raises ``DataError`` when no prompt has a
+    pair."""
+    from ..data import DataError, group_by_prompt, require_sample_fields
+    from .bolt.core import dpo_pair
+
+    require_sample_fields(rows, ("prompt_index", "prompt", "completion"), "dpo", source)
+    pairs: list[dict] = []
+    groups = group_by_prompt(rows)
+    stats = {"rows": len(rows), "prompts": len(groups), "prompts_with_pairs": 0, "prompts_all_equal": 0,
+             "rejected_invalid": 0}
+    for prompt_index, items in groups.items():
+        group = [r for _, r in items]
+        valid = [r.get(valid_column, True) is not False for r in group]
+        scores = [float(r["reward"]) if r.get("reward") is not None else float("-inf") for r in group]
+        pair = dpo_pair(scores, valid)
+        if pair is None:
+            stats["prompts_all_equal"] += 1
+            continue
+        c, r = group[pair[0]], group[pair[1]]
+        stats["prompts_with_pairs"] += 1
+        stats["rejected_invalid"] += not valid[pair[1]]
+        prompt = c["prompt"][len(bos_token):] if bos_token and c["prompt"].startswith(bos_token) else c["prompt"]
+        pairs.append({"prompt": prompt, "chosen": c["completion"], "rejected": r["completion"],
+                      "prompt_index": prompt_index, "chosen_sample": c.get("sample_index"),
+                      "rejected_sample": r.get("sample_index"), "chosen_reward": c.get("reward"),
+                      "rejected_reward": r.get("reward"), "rejected_valid": valid[pair[1]]})
+    stats["pairs"] = len(pairs)
+    if not pairs:
+        raise DataError(f"dpo: every prompt of {source} has samples that all rank the same ({stats['prompts']} "
+                        "prompts), so there is no best/worst pair to train on; sample more responses per prompt or "
+                        "at a higher temperature, or check the rewards")
+    return pairs, stats
+
+
 def _bos_to_strip(tokenizer) -> str | None:
     """The BOS text to cut from a rendered prompt: only when the tokenizer adds BOS to plain text itself."""
     bos = getattr(tokenizer, "bos_token", None)
@@ -141,8 +199,11 @@ class DPOMethod(TrainerMethod):
         from ..data import load_selected_rows
 
         rows, source, _ = load_selected_rows(run.data.train)
-        pairs, stats = build_pairs(rows, config.max_pairs_per_prompt, config.reward_threshold,
-                                   _bos_to_strip(tokenizer), source)
+        if config.pairs == "best_worst":
+            pairs, stats = build_best_worst_pairs(rows, config.valid_column, _bos_to_strip(tokenizer), source)
+        else:
+            pairs, stats = build_pairs(rows, config.max_pairs_per_prompt, config.reward_threshold,
+                                       _bos_to_strip(tokenizer), source)
         stats["pairs_built"] = len(pairs)
         if run.data.train.limit is not None:
             pairs = pairs[: run.data.train.limit]
@@ -158,10 +219,12 @@ class DPOMethod(TrainerMethod):
         pairs, stats = self.pairs(run, args, ctx.tokenizer)
         self._stats = stats
         limited = f", the first {stats['pairs']} kept (data.train.limit)" if stats["pairs"] < stats["pairs_built"] else ""
+        detail = (f"{stats['prompts_all_equal']} prompts with all samples equal, {stats['rejected_invalid']} rejected "
+                  "for the format; best/worst per prompt" if args.pairs == "best_worst" else
+                  f"{stats['prompts_all_positive']} prompts all positive, {stats['prompts_all_negative']} all "
+                  f"negative; at most {args.max_pairs_per_prompt} per prompt")
         print(f"[rlkit] dpo: {stats['pairs_built']} pairs from {stats['prompts_with_pairs']} of {stats['prompts']} "
-              f"prompts ({stats['rows']} samples; {stats['prompts_all_positive']} prompts all positive, "
-              f"{stats['prompts_all_negative']} all negative; at most {args.max_pairs_per_prompt} per prompt)"
-              f"{limited}", flush=True)
+              f"prompts ({stats['rows']} samples; {detail}){limited}", flush=True)
         out = Path(run.output_dir)
         if args.process_index == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -170,7 +233,17 @@ class DPOMethod(TrainerMethod):
         train = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
         lora = peft_config(run.model)
         ref = None
-        if lora is None and not is_peft_model(ctx.model):
+        if args.ref_model is not None:
+            from ..models import load_model
+
+            if lora is not None or is_peft_model(ctx.model):
+                raise RecipeError("trainer.ref_model: with LoRA the reference is the base model (TRL disables the "
+                                  "adapter); unset ref_model or train without LoRA")
+            spec = dataclasses.replace(run.model, name=args.ref_model, lora=None, source=None, patches=[])
+            ref = load_model(spec, seed=run.seed)[0].to(ctx.model.device).eval()
+            ref.requires_grad_(False)
+            print(f"[rlkit] dpo: reference model {args.ref_model}", flush=True)
+        elif lora is None and not is_peft_model(ctx.model):
             # the stage's starting model, frozen. TRL would reload it by name, which an in-memory model (tiny) or a
             # patched one does not survive. With LoRA none is needed: TRL disables the adapter instead.
             ref = copy.deepcopy(ctx.model).eval()
