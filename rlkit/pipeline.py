@@ -7,7 +7,8 @@ writes a manifest that later stages read. The pipeline knows no method by name.
   existed counts as finished when ``final/.rlkit_done`` is there.
 - **What passes between stages.** A stage's model is, in order: the one it names (``model.name``), the one
   of the stage it names (``model: {from: STAGE}``), else the model of the stage before it. A dataset section
-  ``{from: STAGE, dataset: NAME}`` reads the file that stage's manifest lists under NAME (as ``jsonl:``).
+  ``{from: STAGE, dataset: NAME}`` reads the file that stage's manifest lists under NAME (as ``jsonl:``). A
+  ``trainer:`` / ``args:`` setting ``{from: STAGE}`` becomes the path of the model that stage produced.
 - ``resume`` (``True``/``"latest"`` or a checkpoint path) continues a killed training run from its last
   complete checkpoint in ``<output_dir>/checkpoint-*`` (one cut off mid-save, without
   ``trainer_state.json``, is skipped); with ``True`` and no checkpoint yet, the run starts fresh.
@@ -28,7 +29,7 @@ from typing import Any
 
 from .config import RecipeError
 from .methods.base import DONE_MARKER, RunContext, StageOutput
-from .recipe import Recipe, RunSpec, resolve_reference, resolve_runs
+from .recipe import Recipe, RunSpec, fill_model_references, resolve_reference, resolve_runs
 
 MANIFEST = "manifest.json"
 
@@ -220,7 +221,14 @@ def _wire(run: RunSpec, done: list[tuple[RunSpec, dict]], own_patches: list | No
                               f"{', '.join(files) or 'no dataset'}, not {spec.dataset!r}")
         spec = dataclasses.replace(spec, name=f"jsonl:{files[key]}", source=None, dataset=None)
         data = dataclasses.replace(data, **{part: spec})
-    return dataclasses.replace(run, model=model, data=data)
+
+    def model_of(stage: str) -> str:  # a `key: {from: STAGE}` setting of trainer/args
+        path = manifests[resolve_reference(earlier, stage, run.iteration).name].get("model")
+        if not path:
+            raise RecipeError(f"stages.{run.stage}: {{from: {stage}}}: stage {stage!r} produced no model")
+        return path
+
+    return fill_model_references(dataclasses.replace(run, model=model, data=data), model_of)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -536,12 +536,32 @@ def _merge_data(base: dict, over: dict) -> dict:
     return out
 
 
+def model_references(run: RunSpec) -> list[tuple[str, str, str]]:
+    """``(section, key, STAGE)`` for every ``key: {from: STAGE}`` of a run's ``trainer`` / ``args``: a setting
+    that takes the model an earlier stage produced, as a path (e.g. DPO's ``ref_model: {from: sft}``)."""
+    return [(section, key, value["from"]) for section in ("trainer", "args")
+            for key, value in getattr(run, section).items()
+            if isinstance(value, dict) and set(value) == {"from"} and isinstance(value["from"], str)]
+
+
+def fill_model_references(run: RunSpec, model_of) -> RunSpec:
+    """``run`` with each ``{from: STAGE}`` setting (:func:`model_references`) replaced by ``model_of(STAGE)``."""
+    refs = model_references(run)
+    if not refs:
+        return run
+    sections = {"trainer": dict(run.trainer), "args": dict(run.args)}
+    for section, key, stage in refs:
+        sections[section][key] = model_of(stage)
+    return dataclasses.replace(run, **sections)
+
+
 def _check_references(runs: list[RunSpec], methods: dict) -> None:
     """``from:`` references point at an earlier stage that writes what is asked for."""
     for k, run in enumerate(runs):
         earlier = runs[:k]
         where = f"stages.{run.stage}"
         refs = [("model", run.model.source, None)]
+        refs += [(f"{section}.{key}", stage, None) for section, key, stage in model_references(run)]
         for part in ("train", "eval"):
             spec = getattr(run.data, part)
             if spec is not None and spec.source is not None:
@@ -601,13 +621,14 @@ def validate_recipe(recipe: Recipe) -> None:
     methods = {}
     for run in runs:
         prefix = "" if run.name == "main" else f"stages.{run.stage}."
-        if not recipe.stages and (run.model.source or any(
+        if not recipe.stages and (run.model.source or model_references(run) or any(
                 spec is not None and spec.source for spec in (run.data.train, run.data.eval))):
             raise RecipeError("recipe: `from:` refers to an earlier stage; a recipe without `stages` has none")
         check_patches(run.model.patches, f"{prefix}model.patches")
         method = get_method(run.method, where=f"{prefix}method")
         methods[run.name] = method
-        method.validate(run, f"{prefix}{method.section}")
+        method.validate(fill_model_references(run, lambda stage: f"<model of stage {stage}>"),
+                        f"{prefix}{method.section}")
     if recipe.stages:
         _check_references(runs, methods)
 
