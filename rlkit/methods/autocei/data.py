@@ -15,7 +15,7 @@ rewards) are grouped by prompt, and ``mode`` decides what is written to ``sft_da
 
 Each written row is the sample row with ``solution`` = the text to fine-tune on (the sample row's reference
 solution moves to ``reference_solution``) and ``R``, ``idk``, ``depth``, ``kind`` (``original`` / ``draw`` /
-``rtuned``) added, for an ``sft`` stage to read with ``data: {train: {from: STAGE, dataset: sft_data,
+``rtuned``) added (no row survives: an empty file and a warning; the ``autocei`` stage then keeps its model), for an ``sft`` stage to read with ``data: {train: {from: STAGE, dataset: sft_data,
 solution_column: solution}}``. The resampling is seeded per prompt from the stage seed, so a rerun writes the same
 file. ``docs/methods/autocei.md`` has the recipe.
 """
@@ -108,6 +108,8 @@ def build_rows(rows: list[dict], config: AutoCEIDataConfig, seed: int) -> list[d
             row = {k: v for k, v in r.items() if k != "solution"}
             if "solution" in r:
                 row["reference_solution"] = r["solution"]
+            if kind == "rtuned":  # idk and depth describe the text written
+                idk, d = is_idk(text, config.idk_phrases), depth(text, config.depth_splitter)
             row.update(solution=text, R=reward, idk=idk, depth=d, correct=correct, kind=kind)
             out.append(row)
 
@@ -161,8 +163,9 @@ class AutoCEIDataMethod(Method):
                                 "of a sample stage)")
         kept = build_rows(rows, config, run.seed)
         if not kept:
-            raise DataError(f"autocei_data: no row of {source} survives mode {config.mode} (no correct answer"
-                            f"{'' if config.mode == 'correct' else ' and no IDK answer above R = -1'}); sample more")
+            print(f"[rlkit] autocei_data: warning: no row of {source} survives mode {config.mode} (no correct answer"
+                  f"{'' if config.mode == 'correct' else ' and no IDK answer above R = -1'}): the SFT set is empty",
+                  flush=True)
         out = Path(run.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{DATASET}.jsonl"
@@ -171,8 +174,8 @@ class AutoCEIDataMethod(Method):
             for row in kept:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         tmp.replace(path)
-        n = len(kept)
-        summary = {"mode": config.mode, "rows_in": len(rows), "rows_out": n,
+        n = max(1, len(kept))
+        summary = {"mode": config.mode, "rows_in": len(rows), "rows_out": len(kept),
                    "correct_in": round(sum(r.get("status") == "ok" for r in rows) / len(rows), 4),
                    "idk_out": round(sum(r["idk"] for r in kept) / n, 4),
                    "correct_out": round(sum(r["correct"] for r in kept) / n, 4),
@@ -180,6 +183,6 @@ class AutoCEIDataMethod(Method):
         if config.mode == "resample":
             summary.update(c1=config.c1, c2=config.c2, tau=config.tau,
                            mean_R=round(sum(r["R"] for r in kept) / n, 4))
-        print(f"[rlkit] autocei_data ({config.mode}): {n} rows from {len(rows)} samples in {path} "
+        print(f"[rlkit] autocei_data ({config.mode}): {len(kept)} rows from {len(rows)} samples in {path} "
               f"(IDK {summary['idk_out']}, correct {summary['correct_out']})", flush=True)
         return StageOutput(model=None, datasets={DATASET: str(path)}, summary=summary)

@@ -249,6 +249,12 @@ class _Runner:
         """Sample from ``model``, build the round's SFT set, SFT, evaluate: the round's record."""
         samples = self.sample(path, model)
         data = self.data(path, samples, data_args)
+        if not Path(data).read_text().strip():
+            # nothing to learn from (plain EI on a model that gets nothing right): the model stays as it is, so
+            # its figures repeat and the rounds converge
+            _log(f"{path}: the round's SFT set is empty; the model is kept as it is")
+            return {"path": path, "sampled_from": model, "model": model, "empty": True,
+                    **_figures(self.evaluate(path, model))}
         trained = self.sft(path, data, model)
         return {"path": path, "sampled_from": model, "model": trained, **_figures(self.evaluate(path, trained))}
 
