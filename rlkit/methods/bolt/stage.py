@@ -99,6 +99,9 @@ class BoltBootstrapConfig(BoltSampleConfig):
     instruction: str = DEFAULT_INSTRUCTION
     """What the prompt says before the examples (``{start}`` / ``{end}``: the markers; "" for none). The paper's
     formatting prompt is unpublished: this one is rlkit's."""
+    min_selected: int = 1
+    """Fail (one line, before Stage 2 would) when fewer responses are kept (0: never, e.g. to only measure how well a
+    model follows the in-context format)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -108,7 +111,8 @@ class BoltBootstrapConfig(BoltSampleConfig):
             raise ValueError(f"percentile must be in [0, 100], got {self.percentile}")
 
 
-def load_examples(path: str | Path | None, fmt: ThoughtFormat, n_shots: int, where: str = "args.examples") -> list[dict]:
+def load_examples(path: str | Path | None, fmt: ThoughtFormat, n_shots: int,
+                  where: str = "args.examples") -> list[dict]:
     """The in-context examples of ``path`` (default: the shipped ten), checked: at least ``n_shots``, each with
     non-empty ``query``, ``thoughts`` and ``solution``, each passing the format filter once rendered."""
     p = Path(path) if path else DEFAULT_EXAMPLES
@@ -314,8 +318,9 @@ class BoltBootstrapMethod(_BoltGenerating):
 
     def run(self, run, ctx) -> StageOutput:
         output = super().run(run, ctx)
-        if not output.summary.get("selected"):
-            raise RecipeError(f"{self.name}: no response passed the format filter and the cut, so Stage 2 has "
-                              "nothing to train on; use a model that follows the in-context format (the paper "
-                              "bootstraps with a 70B model), more samples, or a larger max_new_tokens")
+        kept = output.summary.get("selected", 0)
+        if kept < self.make_config(run).min_selected:
+            raise RecipeError(f"{self.name}: {kept} responses passed the format filter and the cut, too few for "
+                              "Stage 2 (args.min_selected); use a model that follows the in-context format (the "
+                              "paper bootstraps with a 70B model), more samples, or a larger max_new_tokens")
         return output
