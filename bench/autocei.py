@@ -1,7 +1,7 @@
 """Auto-CEI vs SFT, plain expert iteration and R-Tuning from the same SFT model: precision, IDK rate, accuracy and
 f = 0.8 precision + 0.2 (1 - IDK rate) on held-out problems.
 
-Task: ``recipes/autocei/tiny.yaml``. Synthetic arithmetic chains of 2 to 8 operations on operands up to 50, one
+Task: ``recipes/autocei/tiny.yaml``. Synthetic arithmetic chains of 1 to 8 operations on operands up to 12, one
 line per operation: a tiny char-level Llama SFT'd on the reference solutions gets the short chains mostly right
 and the long ones mostly wrong, so part of the problems lie beyond it and the depth d (lines) tracks difficulty.
 Per seed, from that one SFT model (stages read it with ``model: {from: sft}``):
@@ -20,7 +20,7 @@ BoardgameQA, Blocksworld): Auto-CEI has the best f, with precision above plain E
 R-Tuning.
 
     python bench/autocei.py            # 3 seeds, the recipe as shipped (256 prompts x 8 samples, 2 rounds, 3 curricula)
-    python bench/autocei.py --quick    # 1 seed, 128 prompts x 8 samples, 1 round per curriculum, 2 curricula
+    python bench/autocei.py --quick    # 1 seed, 256 prompts x 8 samples, 1 round per curriculum, 2 curricula
     python bench/autocei.py --smoke    # seconds (tests): the plumbing only
 
 Ends with ``RESULT f_autocei=... f_ei=... f_rtuning=... f_sft=... precision_autocei=... precision_ei=...
@@ -50,7 +50,7 @@ PRESETS = {
                   max_new_tokens=24, synthetic={"min_ops": 1, "max_ops": 2, "max_operand": 5},
                   tiny={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2},
                   extra={"reward_idk_phrases": list("0123456789"), "c1": 2.0, "c2": 1.0, "step": 0.5, "tau": 0.5}),
-    "quick": dict(seeds=[0], sft_steps=600, problems=128, samples=8, rounds=1, curricula=2, val=200, test=500),
+    "quick": dict(seeds=[0], sft_steps=600, problems=256, samples=8, rounds=1, curricula=2, val=200, test=500),
     "full": dict(seeds=[0, 1, 2], sft_steps=600, problems=256, samples=8, rounds=2, curricula=3, val=200, test=500),
 }
 
@@ -129,7 +129,7 @@ def run_seed(p: dict, seed: int, out: Path, threads: int) -> tuple[dict, dict, d
 
 
 def main() -> None:
-    p = bench_parser(__doc__, quick="1 seed, 128 prompts, 1 round per curriculum, 2 curricula",
+    p = bench_parser(__doc__, quick="1 seed, 256 prompts, 1 round per curriculum, 2 curricula",
                      smoke="a tiny run of every stage (tests)", seeds=True)
     add_jobs_threads(p, jobs=None)
     add_out(p, "output folder (default runs/bench_autocei[_quick|_smoke])", type=Path)
