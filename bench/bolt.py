@@ -66,7 +66,7 @@ def bench_recipe(p: dict, lr: float) -> dict:
     stages["sft"]["trainer"]["num_train_epochs"] = p["sft_epochs"]
     inner["sample"]["data"] = {"train": {"limit": p["prompts"]}}
     inner["sample"]["args"].update(gen, num_samples=p["samples"])
-    inner["dpo"]["trainer"]["learning_rate"] = lr
+    inner["dpo"]["trainer"].update(learning_rate=lr, no_pairs="keep_model")  # small models: often no pair
     test = dict(r["data"]["eval"], limit=p["test"])
     plain = {"stop": stages["bootstrap"]["args"].get("stop", [])}
 

@@ -286,3 +286,29 @@ def test_online_iteration_trains_dpo_on_best_worst_pairs_against_a_named_referen
     assert written == expected and len(written) == 4 and all(p["rejected_valid"] is False for p in written)
     first = next(h for h in json.loads((out / "dpo" / "log_history.json").read_text()) if "loss" in h)
     assert abs(first["loss"] - 0.6931) > 1e-3  # the reference is the sft stage's model, not the policy
+
+
+def test_an_iteration_without_pairs_keeps_its_model_when_asked(tmp_path):
+    """A random tiny model never writes the format: every sample ranks the same, no pair; `no_pairs: keep_model`
+    saves the starting model unchanged (the default, error, stops with one line)."""
+    import torch
+
+    from rlkit.models import load_model
+    from rlkit.pipeline import run_recipe
+    from rlkit.recipe import ModelSpec, TinyModelSpec
+
+    out = tmp_path / "run"
+    raw = _recipe(out, _examples(tmp_path / "ex.jsonl"))
+    raw["trainer"] = {"dataloader_num_workers": 0, "save_strategy": "no", "report_to": "none"}
+    raw["stages"] = [{"name": "sample", "method": "bolt_sample", "args": {"num_samples": 2, "max_new_tokens": 4}},
+                     {"name": "dpo", "method": "dpo", "data": {"train": {"from": "sample", "dataset": "samples"}},
+                      "trainer": {"pairs": "best_worst", "max_steps": 1}}]
+    with pytest.raises(Exception, match="all rank the same"):
+        run_recipe(recipe_from_dict(raw))
+    raw["stages"][1]["trainer"]["no_pairs"] = "keep_model"
+    summary = run_recipe(recipe_from_dict(raw))[-1]
+    assert summary["dpo_pairs"] == 0
+    kept, _ = load_model(ModelSpec(name=str(out / "dpo" / "final")))
+    shape = TinyModelSpec(**{**TINY_SHAPE, "max_position_embeddings": 512})
+    start, _ = load_model(ModelSpec(name="tiny", tiny=shape), seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), start.state_dict().values()))

@@ -64,12 +64,17 @@ class RLKitDPOConfig(DPOConfig):
     ref_model: str | None = field(default=None, metadata={
         "help": "The frozen reference model: a folder, hub id or built-in name (staged recipes: {from: STAGE}); "
                 "None: the stage's starting model."})
+    no_pairs: str = field(default="error", metadata={
+        "help": "When the samples give no pair: error (one line), or keep_model (save the starting model unchanged "
+                "as this stage's model: an iteration of an online loop that had nothing to learn from)."})
 
     def __post_init__(self):
         if self.max_pairs_per_prompt < 1:
             raise ValueError(f"max_pairs_per_prompt must be at least 1, got {self.max_pairs_per_prompt}")
         if self.pairs not in ("correct_incorrect", "best_worst"):
             raise ValueError(f"pairs must be correct_incorrect or best_worst, got {self.pairs!r}")
+        if self.no_pairs not in ("error", "keep_model"):
+            raise ValueError(f"no_pairs must be error or keep_model, got {self.no_pairs!r}")
         super().__post_init__()
 
 
@@ -252,6 +257,19 @@ class DPOMethod(TrainerMethod):
                                processing_class=ctx.tokenizer, callbacks=ctx.callbacks, peft_config=lora)
 
     def run(self, run, ctx) -> StageOutput:
+        from ..data import DataError
+        from .base import save_model
+
+        args = self.make_config(run)
+        if args.no_pairs == "keep_model":
+            try:
+                self.pairs(run, args, ctx.tokenizer)
+            except DataError as e:
+                print(f"[rlkit] {e}; no_pairs: keep_model, so the starting model is kept unchanged", flush=True)
+                ctx.close()
+                path = save_model(ctx.model, ctx.tokenizer, ctx.final_dir) if args.process_index == 0 else None
+                return StageOutput(model=path or str(ctx.final_dir),
+                                   summary={"dpo_pairs": 0, "dpo_no_pairs": str(e)})
         output = super().run(run, ctx)
         output.summary.update({f"dpo_{k}": v for k, v in getattr(self, "_stats", {}).items()})
         return output
