@@ -39,7 +39,7 @@ from typing import Literal
 
 from ...config import RecipeError, build
 from .. import register_method
-from ..base import Method, StageOutput
+from ..base import DONE_MARKER, Method, StageOutput
 from .core import (DEPTH_SPLITTERS, EVAL_IDK_PHRASES, REWARD_IDK_PHRASES, RTUNING_ENDING, Curriculum,
                    CurriculumSearch, depth, ei_converged, init_curriculum, is_idk)
 
@@ -234,10 +234,14 @@ class _Runner:
         return self.sub(sub)["model"]
 
     def evaluate(self, path: str, model: str) -> dict:
-        """Greedy validation figures of ``model`` (cached in ``<path>/eval.json``)."""
+        """Greedy validation figures of ``model`` (cached in ``<path>/eval.json``; a cache older than the model it
+        names, e.g. a sub-SFT that ran again, is measured again)."""
         f = self.out / path / "eval.json"
         if f.is_file():
-            return json.loads(f.read_text())
+            cached = json.loads(f.read_text())
+            done = Path(model) / DONE_MARKER
+            if cached.get("model") == model and (not done.is_file() or done.stat().st_mtime <= f.stat().st_mtime):
+                return cached
         figures = evaluate_model(self.run, self.config, model)
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(figures, indent=2) + "\n")
