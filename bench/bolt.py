@@ -45,6 +45,10 @@ PRESETS = {
                   lr=5e-5),
     "quick": dict(recipe="smollm2_gsm8k_cpu.yaml", queries=6, samples=4, prompts=4, test=8, tokens=160,
                   sft_epochs=4, lr=5e-6),
+    # recipes/bolt/tiny.yaml as shipped (its model and warm-up) at a toy scale where the stages have something to
+    # learn: --tiny (minutes)
+    "tiny": dict(recipe="tiny.yaml", queries=64, samples=8, prompts=32, test=100, tokens=80, sft_epochs=4,
+                 warmup=150, lr=5e-5, shrink=False),
     "full": dict(recipe="smollm2_gsm8k_cpu.yaml", queries=64, samples=8, prompts=32, test=100, tokens=320,
                  sft_epochs=4, lr=5e-6),
 }
@@ -64,6 +68,8 @@ def bench_recipe(p: dict, lr: float) -> dict:
     stages["bootstrap"]["data"] = {"train": {"limit": p["queries"]}}
     stages["bootstrap"]["args"].update(gen, num_samples=p["samples"])
     stages["sft"]["trainer"]["num_train_epochs"] = p["sft_epochs"]
+    if "sft_lr" in p:
+        stages["sft"]["trainer"]["learning_rate"] = p["sft_lr"]
     inner["sample"]["data"] = {"train": {"limit": p["prompts"]}}
     inner["sample"]["args"].update(gen, num_samples=p["samples"])
     inner["dpo"]["trainer"].update(learning_rate=lr, no_pairs="keep_model")  # small models: often no pair
@@ -81,9 +87,11 @@ def bench_recipe(p: dict, lr: float) -> dict:
         return st
 
     out = []
-    if tiny:  # seconds: a smaller model, a short warm-up at a high learning rate (enough to write the format)
+    if tiny and p.get("shrink", True):  # seconds: a smaller model, a short warm-up at a high learning rate
         r["model"]["tiny"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
-        stages["warmup"]["trainer"].update(max_steps=p["warmup"], learning_rate=1e-2, warmup_steps=5)
+        stages["warmup"]["trainer"].update(max_steps=p["warmup"], learning_rate=1e-2, warmup_steps=5,
+                                           per_device_train_batch_size=16)
+    if tiny:
         out.append(stages["warmup"])
     base = "warmup" if tiny else None
     out += [evaluate("base", base), evaluate("base_icl", base, icl=True), stages["bootstrap"], stages["sft"],
@@ -135,12 +143,22 @@ def figures(run: Path) -> dict[str, dict]:
 def main() -> None:
     p = bench_parser(__doc__, quick="6 queries, 4 prompts per online iteration, 8 test problems (tens of minutes)",
                      smoke="the tiny model on synthetic arithmetic (seconds; tests)")
+    p.add_argument("--tiny", action="store_true", help="recipes/bolt/tiny.yaml's model and warm-up at 64 queries, "
+                   "32 prompts per iteration, 100 test problems (minutes)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of both online arms (DPO and GRPO)")
+    p.add_argument("--sft-lr", type=float, default=None, help="Stage 2's learning rate (default: the recipe's 2e-5)")
+    for key, what in (("queries", "bootstrap queries"), ("samples", "samples per query / prompt"),
+                      ("prompts", "prompts per online iteration"), ("test", "test problems"),
+                      ("tokens", "new tokens per response")):
+        p.add_argument(f"--{key}", type=int, default=None, help=f"{what} (default: the preset's)")
     add_jobs_threads(p, jobs=None)
     add_out(p, "output folder (default runs/bench_bolt_<preset>; finished stages are reused)", Path)
     args = p.parse_args()
-    preset = preset_of(args)
-    cfg = PRESETS[preset]
+    preset = "tiny" if args.tiny and not args.smoke else preset_of(args)
+    cfg = dict(PRESETS[preset], **{k: getattr(args, k) for k in ("queries", "samples", "prompts", "test", "tokens")
+                                    if getattr(args, k) is not None})
+    if args.sft_lr is not None:
+        cfg["sft_lr"] = args.sft_lr
     lr = args.lr if args.lr is not None else cfg["lr"]
     out = (args.out or ROOT / "runs" / f"bench_bolt_{preset}").resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -164,7 +182,7 @@ def main() -> None:
         print(f"{name:<10} {f['format']:7.3f} {f['score']:7.3f} {f['acc']:7.3f} {f['tokens']:7.1f}")
     dpo3, grpo = figs["dpo3"]["score"], figs["grpo"]["score"]
     print(f"Table 3 at this scale: score DPO x3 {dpo3:.3f} vs GRPO {grpo:.3f} (difference {dpo3 - grpo:+.3f})")
-    (out / "results.json").write_text(json.dumps({"preset": preset, "lr": lr, "wall_s": wall, "figures": figs,
+    (out / "results.json").write_text(json.dumps({"preset": preset, "settings": cfg, "lr": lr, "wall_s": wall, "figures": figs,
                                                   "bootstrap": boot}, indent=2) + "\n")
     print_result(format_base=figs["base_icl"]["format"], format_sft=figs["sft"]["format"],
                  score_base=figs["base_icl"]["score"], score_sft=figs["sft"]["score"],
