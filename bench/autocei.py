@@ -23,6 +23,9 @@ R-Tuning.
     python bench/autocei.py --quick    # 1 seed, 256 prompts x 8 samples, 1 round per curriculum, 2 curricula
     python bench/autocei.py --smoke    # seconds (tests): the plumbing only
 
+Measured on 2 busy CPU cores: --smoke 36 s; --quick 545 s with the SFT stage already there (about 15 min from
+scratch); the full preset about 30 min per seed.
+
 Ends with ``RESULT f_autocei=... f_ei=... f_rtuning=... f_sft=... precision_autocei=... precision_ei=...
 idk_rate_autocei=... idk_rate_rtuning=... accuracy_autocei=...`` (means over seeds).
 """
