@@ -141,3 +141,41 @@ def test_model_spec_is_a_dataclass_copyable(tiny_spec):
     spec = ModelSpec(name="tiny", tiny=tiny_spec, patches=[{"name": "x"}])
     moved = dataclasses.replace(spec, name="/some/path", patches=[])
     assert moved.name == "/some/path" and moved.patches == [] and moved.tiny is tiny_spec
+
+
+def test_sft_stage_trains_a_lora_adapter_and_saves_it_merged(tmp_path):
+    """``model.lora`` reaches the SFT trainer (Auto-CEI's recipe trains r128/alpha64 adapters): only adapter weights
+    train, and the final model is saved merged (no adapter files), with weights that moved."""
+    import torch
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from rlkit.methods import get_method
+    from rlkit.methods.base import RunContext
+    from rlkit.models import load_model
+    from rlkit.recipe import recipe_from_dict, resolve_runs
+
+    raw = {"method": "sft", "seed": 0, "plot": False, "output_dir": str(tmp_path / "sft"),
+           "model": {"name": "tiny", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}},
+           "data": {"train": {"name": "synthetic", "split": "train", "template": "plain", "limit": 16,
+                              "synthetic": {"num_train": 16, "num_test": 4}}},
+           "trainer": {"max_steps": 2, "learning_rate": 1e-2, "per_device_train_batch_size": 8, "save_strategy": "no",
+                       "dataloader_num_workers": 0, "report_to": "none", "max_length": 64}}
+    (run,) = resolve_runs(recipe_from_dict(raw))
+    model, tok = load_model(run.model, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ctx = RunContext(model=model, tokenizer=tok, final_dir=tmp_path / "sft" / "final")
+    method = get_method("sft")
+    trainer = method.build_trainer(run, ctx, method.make_config(run))
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    output = method.run(run, RunContext(model=load_model(run.model, seed=0)[0], tokenizer=tok,
+                                        final_dir=tmp_path / "sft" / "final"))
+    final = Path(output.model)
+    assert not (final / "adapter_config.json").exists()
+    saved = load_file(str(final / "model.safetensors"))
+    moved = [k for k in before if k in saved and not torch.equal(before[k], saved[k])]
+    assert moved and all("lora" not in k for k in saved)

@@ -3,7 +3,8 @@
 Used as the warm-up stage of pipelines (the quickstart SFTs a tiny model before GRPO). Rows are
 prompt-completion pairs: the prompt in the recipe's template, the completion the dataset's reference
 ``solution`` (for chat prompts, as an assistant message). TRL's default completion-only loss applies,
-so prompt tokens are not trained.
+so prompt tokens are not trained. ``model.lora`` trains a LoRA adapter (merged into the saved final model, as
+for every trainer).
 """
 
 from __future__ import annotations
@@ -49,5 +50,7 @@ class SFTMethod(TrainerMethod):
             raise RecipeError(f"data.train: {name} has no reference solutions, so it cannot be used for sft")
 
     def build_trainer(self, run, ctx, args):
+        from ..models import peft_config
+
         return RLKitSFTTrainer(model=ctx.model, args=args, train_dataset=sft_dataset(run.data.train, ctx.tokenizer),
-                               processing_class=ctx.tokenizer, callbacks=ctx.callbacks)
+                               processing_class=ctx.tokenizer, callbacks=ctx.callbacks, peft_config=peft_config(run.model))
