@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -182,3 +183,33 @@ def test_rsd_and_prm_smoke(repo_root, tmp_path):
     assert "stage 'label' already finished" in train_log and "stage 'prm' already finished" in train_log
     for stage in ("prm", "prm_hard", "prm_soft", "orm"):
         assert (tmp_path / stage / "final" / "prm.json").is_file()
+
+
+def test_autocei_smoke(repo_root, tmp_path):
+    """bench/autocei.py --smoke runs SFT, plain EI (mode ei), R-Tuning and Auto-CEI (R-Tuning round, 2 curricula) from
+    one SFT model and evaluates the four models with the IDK figures."""
+    out, res = _run_bench(repo_root, "autocei.py", "--smoke", "--out", str(tmp_path))
+    for key in ("f_autocei", "f_ei", "f_rtuning", "f_sft", "precision_autocei", "precision_ei", "idk_rate_autocei",
+                "idk_rate_rtuning", "accuracy_autocei"):
+        assert key in res and 0 <= float(res[key]) <= 1, res
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["per_seed"]["0"]) == {"sft", "ei", "rtuning", "autocei"}
+    assert [c["c1"] for c in results["curricula"]["0"]["tried"]] == [2.0, 2.5]  # one step up after the first
+    state = json.loads((tmp_path / "seed0" / "autocei" / "state.json").read_text())
+    assert (Path(state["best"]["model"]) / "model.safetensors").is_file()
+    assert (tmp_path / "seed0" / "autocei" / "rtuning" / "round_1" / "data" / "sft_data.jsonl").stat().st_size > 0
+
+
+def test_bolt_smoke(repo_root, tmp_path):
+    """bench/bolt.py --smoke: warm-up, in-context bootstrapping, SFT, 3 DPO iterations and the GRPO arm on the tiny
+    model; every stage evaluated (format / score / acc) and the RESULT line carries the issue's keys."""
+    out, res = _run_bench(repo_root, "bolt.py", "--smoke", "--out", str(tmp_path))
+    for key in ("format_base", "format_sft", "score_base", "score_sft", "score_dpo1", "score_dpo3", "score_grpo",
+                "format_dpo3"):
+        assert 0 <= float(res[key]) <= 1, res
+    assert int(res["kept"]) > 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["figures"]) == {"base", "base_icl", "sft", "dpo1", "dpo2", "dpo3", "grpo"}
+    for it in (1, 2, 3):  # each DPO iteration saved a model (trained on best/worst pairs, or kept when none)
+        summary = json.loads((tmp_path / f"dpo{it}" / "summary.json").read_text())
+        assert summary["dpo_pairs"] >= 0 and (tmp_path / f"dpo{it}" / "final" / "model.safetensors").is_file()
