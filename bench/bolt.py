@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 PRESETS = {
     "smoke": dict(recipe="tiny.yaml", queries=8, samples=4, prompts=4, test=8, tokens=80, sft_epochs=1, warmup=120,
                   lr=5e-5),
-    "quick": dict(recipe="smollm2_gsm8k_cpu.yaml", queries=6, samples=4, prompts=4, test=8, tokens=160,
+    "quick": dict(recipe="smollm2_gsm8k_cpu.yaml", queries=4, samples=4, prompts=2, test=4, tokens=128,
                   sft_epochs=4, lr=5e-6),
     # recipes/bolt/tiny.yaml as shipped (its model and warm-up) at a toy scale where the stages have something to
     # learn: --tiny (minutes)
