@@ -39,15 +39,14 @@ DATASET = "samples"
 
 
 @dataclass
-class SampleConfig:
-    """Settings of the ``sample`` stage (recipe section ``args:``; flags of ``rlkit sample``)."""
+class GenerationArgs:
+    """The generation settings every generating stage's config shares (``sample``, BOLT's samplers); a stage
+    subclasses it, adds its own fields and may re-declare a field for another default."""
 
-    num_samples: int = 4
-    """Completions per prompt (N)."""
     max_new_tokens: int = 256
     """Longest completion, in tokens."""
     temperature: float = 1.0
-    """Sampling temperature (0: greedy, needs num_samples 1)."""
+    """Sampling temperature (0: greedy, needs one sample per prompt)."""
     top_p: float = 1.0
     """Nucleus sampling mass."""
     top_k: int | None = None
@@ -60,6 +59,14 @@ class SampleConfig:
     """Prompts per HF generate call."""
     chunk_size: int = 64
     """Prompts generated, scored and appended to the file at a time (the unit a restart resumes from)."""
+
+
+@dataclass
+class SampleConfig(GenerationArgs):
+    """Settings of the ``sample`` stage (recipe section ``args:``; flags of ``rlkit sample``)."""
+
+    num_samples: int = 4
+    """Completions per prompt (N)."""
     steps: Literal["newline", "paragraph", "sentence", "latex_sentence", "stephint"] | None = None
     """Also write each completion split into steps with this splitter (None: no steps column)."""
     max_steps: int = 4

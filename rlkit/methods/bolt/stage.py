@@ -32,7 +32,7 @@ from typing import Literal
 
 from ...config import RecipeError
 from .. import register_method
-from ..sample import (GeneratingMethod, _main, _num, _status_counts, _unique, check_generation_fields,
+from ..sample import (GenerationArgs, GeneratingMethod, _main, _num, _status_counts, _unique, check_generation_fields,
                       read_complete_rows, write_resume_meta)
 from ..base import StageOutput
 from .core import ThoughtFormat, bootstrap_select
@@ -46,29 +46,17 @@ DEFAULT_INSTRUCTION = ("Answer in two parts. First write your internal thoughts 
 
 
 @dataclass
-class BoltSampleConfig:
-    """Settings of ``bolt_sample`` (Stage 3's on-policy sampler; recipe section ``args:``)."""
+class BoltSampleConfig(GenerationArgs):
+    """Settings of ``bolt_sample`` (Stage 3's on-policy sampler; recipe section ``args:``): the shared generation
+    settings (:class:`~rlkit.methods.sample.GenerationArgs`; temperature and top_p 1.0 as the paper's Stage 3) and
+    these."""
 
     num_samples: int = 8
     """Responses per query (the paper: 8 in Stages 1 and 3)."""
     max_new_tokens: int = 1024
     """Longest response, in tokens (the paper trains at up to 16,384 tokens; set what the model and budget allow)."""
-    temperature: float = 1.0
-    """Sampling temperature (Stage 3: 1.0 in the paper; Stage 1's is not given)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (Stage 3: 1.0)."""
-    top_k: int | None = None
-    """Top-k filtering (None: the model's generation-config default; 0: off)."""
-    stop: list[str] = field(default_factory=list)
-    """Strings that end a response (cut from the text), e.g. ``"\\nQuestion:"`` for plain-text prompts."""
-    backend: Literal["hf", "vllm"] = "hf"
-    """Generation back end: hf (transformers generate) or vllm."""
     vllm_kwargs: dict = field(default_factory=dict)
     """Extra ``vllm.LLM(...)`` arguments for backend vllm, e.g. ``{tensor_parallel_size: 8}`` for a 70B model."""
-    batch_size: int = 16
-    """Prompts per HF generate call."""
-    chunk_size: int = 64
-    """Prompts generated, scored and appended at a time (the unit a restart resumes from)."""
     thought_start: str = ThoughtFormat.start
     """Marker opening the internal thoughts (the paper's delimiters are unconfirmed)."""
     thought_end: str = ThoughtFormat.end
