@@ -60,6 +60,16 @@ class GenerationArgs:
     chunk_size: int = 64
     """Prompts generated, scored and appended to the file at a time (the unit a restart resumes from)."""
 
+    def settings(self, run, first_prompt: int, **extra):
+        """The rollout settings of the chunk starting at prompt ``first_prompt`` (seeded from the stage seed and
+        that index, so a resumed run writes what an uninterrupted one would)."""
+        from ..rollout import GenerationSettings
+
+        return GenerationSettings(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                                  temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                                  stop=list(self.stop), seed=run.seed * 1_000_003 + first_prompt,
+                                  backend=self.backend, kv_cache=run.kv_cache, vllm=run.vllm, **extra)
+
 
 @dataclass
 class SampleConfig(GenerationArgs):
@@ -148,6 +158,28 @@ class GeneratingMethod(Method):
     def loads(self, run) -> str:
         return "tokenizer" if run.args.get("backend") == "vllm" else "model"
 
+    @staticmethod
+    def scoring(run, ctx, backend: str, model_name: str):
+        """``(funcs, weights, names, engine, vllm_path)``: the recipe's reward functions, their weights and unique
+        names, the reward engine (closed when the stage ends; None when disabled) and, for the vLLM back end, the
+        path the engine loads (its memory goes back when the stage ends)."""
+        from ..models import BUILTIN_MODELS, builtin_path
+        from ..rewarding import build_reward_funcs, make_reward_engine
+
+        funcs = build_reward_funcs(run.rewards)
+        weights = [r.weight for r in run.rewards]
+        names = _unique([r.name for r in run.rewards])
+        engine = make_reward_engine(run.reward_engine, run.rewards)
+        if engine is not None:
+            ctx.on_close(engine.close)
+        vllm_path = None
+        if backend == "vllm":
+            from ..rollout.vllm import close_engines
+
+            vllm_path = str(builtin_path(model_name)) if model_name in BUILTIN_MODELS else model_name
+            ctx.on_close(close_engines)
+        return funcs, weights, names, engine, vllm_path
+
 
 @register_method
 class SampleMethod(GeneratingMethod):
@@ -161,9 +193,8 @@ class SampleMethod(GeneratingMethod):
         from tqdm.auto import tqdm
 
         from ..data import build_dataset
-        from ..models import BUILTIN_MODELS, builtin_path
-        from ..rewarding import answer_check_for, build_reward_funcs, make_reward_engine, score
-        from ..rollout import GenerationSettings, generate, render_prompts, split_steps
+        from ..rewarding import answer_check_for, score
+        from ..rollout import generate, render_prompts, split_steps
 
         config: SampleConfig = self.make_config(run)
         out = Path(run.output_dir)
@@ -175,27 +206,13 @@ class SampleMethod(GeneratingMethod):
         rows = build_dataset(run.data.train, ctx.tokenizer).to_list()
         done = {r["prompt_index"] for r in read_complete_rows(path)}
         todo = [i for i in range(len(rows)) if i not in done]
-        funcs = build_reward_funcs(run.rewards)
-        weights = [r.weight for r in run.rewards]
-        names = _unique([r.name for r in run.rewards])
-        engine = make_reward_engine(run.reward_engine, run.rewards)
-        if engine is not None:
-            ctx.on_close(engine.close)
-        vllm_path = None
-        if config.backend == "vllm":
-            from ..rollout.vllm import close_engines
-
-            vllm_path = str(builtin_path(model_name)) if model_name in BUILTIN_MODELS else model_name
-            ctx.on_close(close_engines)  # the engine's memory goes back when the stage ends
+        funcs, weights, names, engine, vllm_path = self.scoring(run, ctx, config.backend, model_name)
         counts: dict[str, int] = {}
         written = 0
         bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="sample", disable=not _main())
         for start in range(0, len(todo), config.chunk_size):
             chunk = todo[start:start + config.chunk_size]
-            settings = GenerationSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                                          temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                                          stop=list(config.stop), seed=run.seed * 1_000_003 + chunk[0],
-                                          backend=config.backend, kv_cache=run.kv_cache, vllm=run.vllm)
+            settings = config.settings(run, chunk[0])
             prompts = render_prompts([rows[i]["prompt"] for i in chunk], ctx.tokenizer)
             outs = generate(ctx.model, ctx.tokenizer, prompts, settings, config.num_samples,
                             do_sample=config.temperature > 0, progress=False, model_path=vllm_path)

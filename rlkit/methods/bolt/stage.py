@@ -28,11 +28,10 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from ...config import RecipeError
 from .. import register_method
-from ..sample import (GenerationArgs, GeneratingMethod, _main, _num, _status_counts, _unique, check_generation_fields,
+from ..sample import (GenerationArgs, GeneratingMethod, _main, _num, _status_counts, check_generation_fields,
                       read_complete_rows, write_resume_meta)
 from ..base import StageOutput
 from .core import ThoughtFormat, bootstrap_select
@@ -168,9 +167,8 @@ class _BoltGenerating(GeneratingMethod):
         from tqdm.auto import tqdm
 
         from ...data import build_dataset, resolve_template
-        from ...models import BUILTIN_MODELS, builtin_path
-        from ...rewarding import answer_check_for, build_reward_funcs, make_reward_engine, score
-        from ...rollout import GenerationSettings, generate, render_prompts
+        from ...rewarding import answer_check_for, score
+        from ...rollout import generate, render_prompts
 
         config = self.make_config(run)
         fmt = config.format
@@ -191,18 +189,7 @@ class _BoltGenerating(GeneratingMethod):
         if len(done) < len(counts) and _main():  # a prompt cut off mid-way: its rows go, it is generated again
             path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in old if r["prompt_index"] in done))
         todo = [i for i in range(len(rows)) if i not in done]
-        funcs = build_reward_funcs(run.rewards)
-        weights = [r.weight for r in run.rewards]
-        names = _unique([r.name for r in run.rewards])
-        engine = make_reward_engine(run.reward_engine, run.rewards)
-        if engine is not None:
-            ctx.on_close(engine.close)
-        vllm_path = None
-        if config.backend == "vllm":
-            from ...rollout.vllm import close_engines
-
-            vllm_path = str(builtin_path(model_name)) if model_name in BUILTIN_MODELS else model_name
-            ctx.on_close(close_engines)
+        funcs, weights, names, engine, vllm_path = self.scoring(run, ctx, config.backend, model_name)
         written, bar = 0, tqdm(total=len(rows), initial=len(rows) - len(todo), desc=self.name, disable=not _main())
         for start in range(0, len(todo), config.chunk_size):
             chunk = todo[start:start + config.chunk_size]
@@ -210,11 +197,7 @@ class _BoltGenerating(GeneratingMethod):
             raw = [icl_prompt(rows[i]["prompt"], [examples[k] for k in shots[i]], template, fmt, config.instruction)
                    if self.icl else rows[i]["prompt"] for i in chunk]
             prompts = render_prompts(raw, ctx.tokenizer)
-            settings = GenerationSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                                          temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                                          stop=list(config.stop), seed=run.seed * 1_000_003 + chunk[0],
-                                          backend=config.backend, kv_cache=run.kv_cache, vllm=run.vllm,
-                                          vllm_kwargs=dict(config.vllm_kwargs))
+            settings = config.settings(run, chunk[0], vllm_kwargs=dict(config.vllm_kwargs))
             outs = generate(ctx.model, ctx.tokenizer, prompts, settings, config.num_samples,
                             do_sample=config.temperature > 0, progress=False, model_path=vllm_path)
             flat = [(i, k, p, c) for i, p, cs in zip(chunk, prompts, outs) for k, c in enumerate(cs)]
