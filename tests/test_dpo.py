@@ -116,6 +116,9 @@ def test_recipe_checks():
         recipe_from_dict({**base, "args": {"beta": 0.1}})
     with pytest.raises(RecipeError, match="pairs must be correct_incorrect or best_worst"):
         recipe_from_dict({**base, "trainer": {"pairs": "best"}})
+    with pytest.raises(RecipeError, match="trainer.ref_model: with LoRA the reference is the base model"):
+        recipe_from_dict({**base, "model": {"name": "tiny", "tiny": TINY, "lora": {"r": 4}},
+                          "trainer": {"ref_model": "some/model"}})
 
 
 # --------------------------------------------------------------------------------------------------

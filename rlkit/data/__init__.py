@@ -19,7 +19,7 @@ from .synthetic import SyntheticConfig, generate
 from .templates import format_prompt
 
 __all__ = ["BENCHMARKS", "DataError", "SyntheticConfig", "balance_rows", "build_dataset", "group_by_prompt",
-           "is_positive", "load_raw_rows", "load_rows", "load_selected_rows", "format_prompt", "require_sample_fields",
+           "is_positive", "is_stage_rows", "load_raw_rows", "load_rows", "load_selected_rows", "format_prompt", "require_sample_fields",
            "resolve_template", "select_rows"]
 
 
@@ -43,6 +43,12 @@ def load_raw_rows(spec) -> tuple[list[dict], str, object]:
     if name.startswith("jsonl:"):
         return read_jsonl(name[len("jsonl:"):]), name[len("jsonl:"):], None
     return load_hub(name, None, spec.split), name, None
+
+
+def is_stage_rows(spec) -> bool:
+    """Whether a dataset spec reads rows an earlier stage wrote: ``{from: STAGE, dataset: NAME}`` or a
+    ``jsonl:`` file (what stages that consume sampled completions accept: dpo, select, autocei_data)."""
+    return spec.source is not None or spec.name.startswith("jsonl:")
 
 
 def select_rows(rows: list[dict], where: dict | None, source: str = "dataset") -> list[dict]:

@@ -120,10 +120,7 @@ def build_pairs(rows: list[dict], max_pairs_per_prompt: int = 6, threshold: floa
             stats["prompts_with_pairs"] += 1
         for i, j in chosen_rows:
             c, r = pos[i], neg[j]
-            prompt = c["prompt"]
-            if bos_token and prompt.startswith(bos_token):
-                prompt = prompt[len(bos_token):]
-            pairs.append({"prompt": prompt, "chosen": c["completion"], "rejected": r["completion"],
+            pairs.append({"prompt": _strip_bos(c["prompt"], bos_token), "chosen": c["completion"], "rejected": r["completion"],
                           "prompt_index": prompt_index, "chosen_sample": c.get("sample_index"),
                           "rejected_sample": r.get("sample_index"), "chosen_reward": c["reward"],
                           "rejected_reward": r["reward"]})
@@ -162,8 +159,7 @@ def build_best_worst_pairs(rows: list[dict], valid_column: str = "format_ok", bo
         c, r = group[pair[0]], group[pair[1]]
         stats["prompts_with_pairs"] += 1
         stats["rejected_invalid"] += not valid[pair[1]]
-        prompt = c["prompt"][len(bos_token):] if bos_token and c["prompt"].startswith(bos_token) else c["prompt"]
-        pairs.append({"prompt": prompt, "chosen": c["completion"], "rejected": r["completion"],
+        pairs.append({"prompt": _strip_bos(c["prompt"], bos_token), "chosen": c["completion"], "rejected": r["completion"],
                       "prompt_index": prompt_index, "chosen_sample": c.get("sample_index"),
                       "rejected_sample": r.get("sample_index"), "chosen_reward": c.get("reward"),
                       "rejected_reward": r.get("reward"), "rejected_valid": valid[pair[1]]})
@@ -173,6 +169,11 @@ def build_best_worst_pairs(rows: list[dict], valid_column: str = "format_ok", bo
                         "prompts), so there is no best/worst pair to train on; sample more responses per prompt or "
                         "at a higher temperature, or check the rewards")
     return pairs, stats
+
+
+def _strip_bos(prompt: str, bos_token: str | None) -> str:
+    """``prompt`` without a leading ``bos_token`` (the tokenizer adds it back)."""
+    return prompt[len(bos_token):] if bos_token and prompt.startswith(bos_token) else prompt
 
 
 def _bos_to_strip(tokenizer) -> str | None:
@@ -195,10 +196,15 @@ class DPOMethod(TrainerMethod):
         return RLKitDPOConfig
 
     def check(self, run, config, where: str) -> None:
+        from ..data import is_stage_rows
+
         spec = run.data.train
-        if spec.source is None and not spec.name.startswith("jsonl:"):
+        if not is_stage_rows(spec):
             raise RecipeError("data.train: dpo trains on scored samples; set data.train to {from: STAGE, dataset: "
                               f"samples}} (a `sample` stage) or jsonl:PATH of such rows, not {spec.name!r}")
+        if config.ref_model is not None and run.model.lora is not None:
+            raise RecipeError(f"{where}.ref_model: with LoRA the reference is the base model (TRL disables the "
+                              "adapter); unset ref_model or train without LoRA")
 
     def pairs(self, run, config, tokenizer) -> tuple[list[dict], dict]:
         from ..data import load_selected_rows

@@ -88,8 +88,10 @@ class SelectMethod(Method):
     config = SelectConfig
 
     def check(self, run, config: SelectConfig, where: str) -> None:
-        if run.data.train.source is None and not run.data.train.name.startswith("jsonl:"):
-            raise RecipeError(f"data.train: select scores sampled completions: take them from a sample stage "
+        from ..data import is_stage_rows
+
+        if not is_stage_rows(run.data.train):
+            raise RecipeError("data.train: select scores sampled completions: take them from a sample stage "
                               "({from: sample, dataset: samples}) or a jsonl")
 
     def run(self, run, ctx) -> StageOutput:

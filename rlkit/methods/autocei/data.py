@@ -146,7 +146,9 @@ class AutoCEIDataMethod(Method):
     config = AutoCEIDataConfig
 
     def check(self, run, config, where: str) -> None:
-        if run.data.train.source is None and not run.data.train.name.startswith("jsonl:"):
+        from ...data import is_stage_rows
+
+        if not is_stage_rows(run.data.train):
             raise RecipeError("data.train: autocei_data reads sampled completions: take them from a sample stage "
                               "({from: sample, dataset: samples}) or a jsonl")
 
