@@ -104,6 +104,10 @@ def rsd_settings(args):
 
 
 def cmd_eval(args) -> int:
+    if args.games:
+        return _eval_games(args)
+    if not args.benchmark:
+        raise SystemExit("rlkit eval: give --benchmark (math) or --games (TextArena games)")
     from .eval.run import run_eval
 
     kv = kv_cache_config(args.kv_cache, args.kv_option)
@@ -118,6 +122,28 @@ def cmd_eval(args) -> int:
                        synthetic=_key_values({}, args.synthetic, "--synthetic", "max_operand=12"),
                        idk_phrases=args.idk_phrases, idk_lambda=args.idk_lambda)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _eval_games(args) -> int:
+    from .config import ConfigError
+    from .envs.games import GameError
+    from .eval.games import run_game_eval
+
+    if args.model is None:
+        raise SystemExit("rlkit eval --games: give --model")
+    try:
+        summary = run_game_eval(args.model, args.games, args.episodes, opponent=args.opponent, seed=args.seed,
+                                temperature=args.temperature or 0.0, output_dir=args.output_dir,
+                                dtype=None if args.dtype == "auto" else args.dtype,
+                                env_options=_key_values({}, args.env_option, "--env-option", "seed_offset=100000"))
+    except (GameError, ConfigError) as e:
+        print(f"rlkit: error: {e}", file=sys.stderr)
+        return 2
+    for game, g in summary["games"].items():
+        print(f"{game:28s} win {g['win']:.3f} +- {g['win_se']:.3f}  draw {g['draw']:.3f}  loss {g['loss']:.3f}  "
+              f"invalid {g['invalid']:.3f}  (n={g['n']})")
+    print(f"{'mean':28s} win {summary['mean_win']:.3f} +- {summary['mean_win_se']:.3f}")
     return 0
 
 
@@ -233,10 +259,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print as JSON")
     v.set_defaults(func=cmd_env)
 
-    e = sub.add_parser("eval", help="evaluate a model on a math benchmark")
+    e = sub.add_parser("eval", help="evaluate a model on a math benchmark, or on TextArena games (--games)")
     e.add_argument("--model", default=None,
                    help="hub id, local path, or built-in name (--decoder rsd: the default --target)")
-    e.add_argument("--benchmark", required=True, help="gsm8k | math500 | aime24 | amc23 | synthetic | jsonl:PATH")
+    e.add_argument("--benchmark", default=None, help="gsm8k | math500 | aime24 | amc23 | synthetic | jsonl:PATH")
+    e.add_argument("--games", default=None, metavar="G1,G2",
+                   help="evaluate on TextArena games instead (ids such as TicTacToe-v0,Nim-v0): win, draw, loss and "
+                        "invalid-move rates per game; every episode goes to episodes.jsonl")
+    e.add_argument("--episodes", type=int, default=64, help="--games: episodes per game (default 64)")
+    e.add_argument("--opponent", default="random", help="--games: random | rule | model:PATH (default random)")
+    e.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="--games: an env setting (repeatable): seat, seed_offset, max_turns, max_action_tokens, "
+                        "error_allowance, invalid_penalty, ...")
     e.add_argument("--split", default="test")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
     e.add_argument("--samples", type=int, default=0, help="k sampled completions for pass@k / maj@k (0: greedy only)")
@@ -291,7 +325,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="value_search: score finished candidates with EOS appended (the released search script's "
                         "option; off by default: in OREO's layout that position is the untrained terminal state)")
     e.add_argument("--seed", type=int, default=0,
-                   help="value_search: sampling seed; rsd: seeds sampling and non-binary acceptance")
+                   help="value_search: sampling seed; rsd: seeds sampling and non-binary acceptance; --games: seeds "
+                        "seats, opponents and sampling")
     e.add_argument("--draft", default=None, metavar="MODEL", help="rsd: the small model that proposes each step")
     e.add_argument("--target", default=None, metavar="MODEL",
                    help="rsd: the large model that writes rejected steps (default: --model)")

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from .config import ConfigError, RecipeError, build, coerce, nearest
+from .envs.config import EnvConfig
 from .kvcache import KVCacheConfig
 from .rollout.settings import VLLMSettings
 
@@ -215,6 +216,7 @@ class StageSpec:
     reward_engine: dict = field(default_factory=dict)
     kv_cache: dict = field(default_factory=dict)
     vllm: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)
     repeat: int = 0
     """Run the block's ``stages`` this many times (0: this is a plain stage)."""
     stages: list[dict] = field(default_factory=list)
@@ -250,6 +252,9 @@ class Recipe:
     vllm: VLLMSettings = field(default_factory=VLLMSettings)
     """How vLLM runs wherever the run uses it (``trainer.use_vllm``, ``args.backend: vllm``): dtype, eager mode,
     CPU KV-cache size, maximum length and the stale-weights check of weight syncs (``rlkit.rollout.vllm``)."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """Multi-turn game environments (TextArena) that GRPO-family stages play (``rlkit.envs``): games, opponent,
+    episode limits and reward shaping; empty ``games``: none."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -437,6 +442,8 @@ class RunSpec:
     """1..N inside a repeated block, else None."""
     model_named: bool = False
     """The stage names its model (``model.name``) instead of taking the previous stage's."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """The games this run plays (``rlkit.envs``; empty: none)."""
     own_sections: tuple[str, ...] = ()
     """Which of ``trainer`` / ``args`` the stage (or a single-run recipe) sets itself; the top level's apply
     to the stages whose method takes them."""
@@ -487,7 +494,7 @@ def resolve_runs(recipe: Recipe) -> list[RunSpec]:
         return [
             RunSpec("main", recipe.method or "", recipe.seed, recipe.output_dir, recipe.model, recipe.data,
                     recipe.rewards, dict(recipe.trainer), recipe.eval, recipe.plot, recipe.reward_engine,
-                    recipe.kv_cache, dict(recipe.args), recipe.vllm, stage="main", model_named=True,
+                    recipe.kv_cache, dict(recipe.args), recipe.vllm, stage="main", model_named=True, env=recipe.env,
                     own_sections=tuple(k for k in ("trainer", "args") if getattr(recipe, k)))
         ]
     runs = []
@@ -497,6 +504,7 @@ def resolve_runs(recipe: Recipe) -> list[RunSpec]:
     base_engine = dataclasses.asdict(recipe.reward_engine)
     base_kv = dataclasses.asdict(recipe.kv_cache)
     base_vllm = dataclasses.asdict(recipe.vllm)
+    base_env = dataclasses.asdict(recipe.env)
     for st, it, where in _expanded_stages(recipe):
         where = f"{where}({st.name})"
         model = build(ModelSpec, deep_merge(base_model, st.model), f"{where}.model")
@@ -510,6 +518,7 @@ def resolve_runs(recipe: Recipe) -> list[RunSpec]:
         engine = build(RewardEngineSpec, deep_merge(base_engine, st.reward_engine), f"{where}.reward_engine")
         kv = build(KVCacheConfig, deep_merge(base_kv, st.kv_cache), f"{where}.kv_cache")
         vllm = build(VLLMSettings, deep_merge(base_vllm, st.vllm), f"{where}.vllm")
+        env = build(EnvConfig, deep_merge(base_env, st.env), f"{where}.env")
         trainer = deep_merge(recipe.trainer, st.trainer)
         args = deep_merge(recipe.args, st.args)
         name = st.name if it is None else f"{st.name}-{it}"
@@ -517,7 +526,7 @@ def resolve_runs(recipe: Recipe) -> list[RunSpec]:
         out = str(Path(recipe.output_dir) / name)
         runs.append(RunSpec(name, st.method, seed, out, model, data, rewards, trainer, ev, recipe.plot,
                             engine, kv, args, vllm, stage=st.name, iteration=it,
-                            model_named="name" in st.model or "from" in st.model,
+                            model_named="name" in st.model or "from" in st.model, env=env,
                             own_sections=tuple(k for k in ("trainer", "args") if getattr(st, k))))
     return runs
 

@@ -113,6 +113,10 @@ class Method:
     def check(self, run: Any, config: Any, where: str) -> None:
         """Recipe-time checks beyond the config's own (none by default)."""
 
+    def rewards_required(self, run: Any) -> bool:
+        """Whether this run needs at least one recipe reward (default: ``rewards == "required"``)."""
+        return self.rewards == "required"
+
     def loads(self, run: Any) -> str:
         """What the pipeline loads into the context for this run: ``"model"`` (model and tokenizer),
         ``"tokenizer"`` or ``"none"``. Default: from ``loads_model``."""
@@ -130,7 +134,7 @@ class Method:
         if self.rewards != "none":
             from ..rewarding import check_rewards
 
-            check_rewards(run.rewards, prefix, required=self.rewards == "required", method=self.name)
+            check_rewards(run.rewards, prefix, required=self.rewards_required(run), method=self.name)
         config = self.make_config(run, where, device_checks=False)
         self.check(run, config, where)
         return config

@@ -20,6 +20,12 @@ plain TRL's for the same seed; a test checks the first-step loss):
 
 ``log_method_metric(name, value)`` records per-method scalars that TRL logs with its own metrics.
 
+Games: with a non-empty ``env.games`` (:mod:`rlkit.envs`) the run trains on multi-turn TextArena episodes
+instead of the recipe's dataset: the train set holds one row per initial state, rollouts go through TRL's
+``rollout_func`` (:class:`rlkit.envs.rollout.GameRollout`, which reads the batch's rows from ``rlkit_inputs``),
+only the policy's action tokens enter the loss (``env_mask``), and the episode's shaped reward is the first
+reward (``game``, weight 1) before any recipe rewards, which are then optional and scored in-process.
+
 ``kv_cache``: an ``rlkit.kvcache.KVCacheConfig``; when its kind is not ``none``, HF-generate rollouts run
 with that compressed key cache (PolarQuant / ThinK; a fresh cache per ``generate`` call). vLLM rollouts
 manage their own cache, so the combination is refused at construction.
@@ -71,6 +77,7 @@ class RLKitGRPOTrainer(AuxLossMixin, GRPOTrainer):
             stack.enter_context(colocate_settings(self.vllm_settings, getattr(kwargs.get("model"), "dtype", None)))
         with stack:
             super().__init__(*args, **kwargs)
+        self.rlkit_inputs = None
         self.reward_engine = reward_engine
         self.kv_cache = check_kv_cache_backend(kv_cache, self.use_vllm)
         if self.use_vllm and self.vllm_settings.sync_check != "off":
@@ -142,7 +149,11 @@ class RLKitGRPOTrainer(AuxLossMixin, GRPOTrainer):
             return super()._generate_single_turn(*args, **kwargs)
 
     def _generate_and_score_completions(self, inputs):
-        batch = super()._generate_and_score_completions(inputs)
+        self.rlkit_inputs = inputs  # a rollout_func sees the prompts only; game rollouts need the rows
+        try:
+            batch = super()._generate_and_score_completions(inputs)
+        finally:
+            self.rlkit_inputs = None
         mask = self.extra_token_mask(batch, inputs)
         if mask is not None:
             mask = mask.to(batch["completion_mask"].dtype)
@@ -192,9 +203,30 @@ class GRPOMethod(TrainerMethod):
         return GRPOConfig
 
     def config_extra(self, run) -> dict:
-        return reward_weights_of(run)
+        extra = reward_weights_of(run)
+        if run.env.enabled and ("reward_weights" in extra or "reward_weights" in run.trainer):
+            weights = extra.get("reward_weights") or run.trainer["reward_weights"]
+            if len(weights) == len(run.rewards):  # the game reward comes first, weight 1
+                extra = {"reward_weights": [1.0, *weights]}
+        return extra
+
+    def rewards_required(self, run) -> bool:
+        return not run.env.enabled  # a game run's reward is the episode's
 
     def check(self, run, config, where: str) -> None:
+        if run.env.enabled:
+            from ..envs.games import GameError, check_games
+
+            prefix = where[: -len("trainer")] if where.endswith("trainer") else ""
+            try:
+                check_games(run.env.games)
+            except GameError as e:
+                raise RecipeError(f"{prefix}env.games: {e}") from None
+            if config.use_vllm:
+                raise RecipeError(f"{where}.use_vllm: game rollouts generate with HF generate on the policy; vLLM "
+                                  "game rollouts are not supported yet (set use_vllm: false)")
+            if run.kv_cache.kind != "none":
+                raise RecipeError(f"{prefix}kv_cache: game rollouts do not use a compressed key cache; set kind none")
         if config.use_vllm and run.model.name == "tiny":
             raise RecipeError(f"{where}.use_vllm: vLLM loads the policy by name and cannot load the in-memory 'tiny' "
                               "model; train a saved checkpoint, or set use_vllm: false")
@@ -204,19 +236,40 @@ class GRPOMethod(TrainerMethod):
     def train_dataset(self, run, ctx, args):
         from ..data import build_dataset
 
+        if run.env.enabled:
+            import datasets
+
+            from ..envs.rollout import game_rows
+
+            return datasets.Dataset.from_list(game_rows(run.env, run.seed))
         return build_dataset(run.data.train, ctx.tokenizer, shuffle=False)
+
+    def game_kwargs(self, run, ctx) -> dict:
+        """The rollout function and reward of a game run (none otherwise)."""
+        if not run.env.enabled:
+            return {}
+        from ..envs.episode import make_opponent
+        from ..envs.rollout import GameRollout, episode_reward
+
+        opponent = make_opponent(run.env, policy=(ctx.model, ctx.tokenizer))
+        return {"rollout_func": GameRollout(run.env, opponent),
+                "reward_funcs": [episode_reward, *build_reward_funcs(run.rewards)]}
 
     def build_trainer(self, run, ctx, args):
         from ..models import peft_config
 
-        kwargs = {"reward_engine": make_reward_engine(run.reward_engine, run.rewards), "vllm_settings": run.vllm}
+        game = self.game_kwargs(run, ctx)
+        engine = None if game else make_reward_engine(run.reward_engine, run.rewards)
+        kwargs = {"reward_engine": engine, "vllm_settings": run.vllm}
         if kwargs["reward_engine"] is not None:
             ctx.on_close(kwargs["reward_engine"].close)
         if run.kv_cache.kind != "none":
             kwargs["kv_cache"] = run.kv_cache
+        if "rollout_func" in game:
+            kwargs["rollout_func"] = game["rollout_func"]
         return self.trainer_class(
             model=ctx.model,
-            reward_funcs=build_reward_funcs(run.rewards),
+            reward_funcs=game.get("reward_funcs") or build_reward_funcs(run.rewards),
             args=args,
             train_dataset=self.train_dataset(run, ctx, args),
             processing_class=ctx.tokenizer,

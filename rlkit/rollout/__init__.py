@@ -12,6 +12,7 @@ from typing import Any
 _EXPORTS = {
     "BACKENDS": "generation", "Completion": "generation", "GenerationSettings": "generation",
     "compressed_generate": "generation", "generate": "generation", "generate_hf": "generation",
+    "generate_from_ids": "generation",
     "generate_texts": "generation", "render_prompts": "generation", "seeded": "generation",
     "ConstantScorer": "search", "FunctionScorer": "search", "STEP_STOPS": "search", "SearchResult": "search",
     "SearchSettings": "search", "as_text_scorer": "search", "step_stops": "search", "value_guided_search": "search",

@@ -187,3 +187,49 @@ def generate_texts(model, tokenizer, prompts: list[str], settings: GenerationSet
     """Like :func:`generate`, texts only."""
     return [[c.text for c in outs] for outs in generate(model, tokenizer, prompts, settings, num_samples, do_sample,
                                                          progress, desc, model_path)]
+
+
+@torch.no_grad()
+def generate_from_ids(model, tokenizer, sequences: list[list[int]], max_new_tokens: int, do_sample: bool = True,
+                      batch_size: int = 32, sampling: dict | None = None,
+                      generation_config: Any = None) -> list[Completion]:
+    """One completion per token-id sequence, continuing exactly those ids (no re-tokenisation): the multi-turn
+    environments (:mod:`rlkit.envs`) grow one conversation per episode and must train on the very tokens the
+    policy saw. Left padding, sequences sorted by length into batches of ``batch_size``; ``sampling`` holds
+    ``generate`` keywords (temperature, top_p, top_k, min_p, repetition_penalty); ``generation_config`` (e.g. TRL's)
+    is passed through when given. Texts are decoded without special tokens."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
+        else tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    results: list[Completion | None] = [None] * len(sequences)
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": pad}
+    if do_sample:
+        kwargs.update({k: v for k, v in (sampling or {}).items() if v is not None})
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if generation_config is not None:
+        kwargs["generation_config"] = generation_config
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(sequences[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                seq = sequences[i]
+                ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+                mask[row, width - len(seq):] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)[:, width:]
+            for row, i in enumerate(idx):
+                new, ended = _generated_ids(out[row], pad, eos_ids)
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                results[i] = Completion(text, new, "stop" if ended else "length")
+    finally:
+        if was_training:
+            model.train()
+    return results  # type: ignore[return-value]
