@@ -244,7 +244,7 @@ class _Live:
             random.setstate(saved)
 
     def observe(self) -> tuple[int, str]:
-        pid, obs = self.env.get_observation()
+        pid, obs = self.with_game_random(self.env.get_observation)
         if isinstance(obs, list):  # a player's own move comes back to it: it wrote it, so leave it out
             obs = [m for m in obs if m[0] != pid]
         text = render(obs) if isinstance(obs, list) else str(obs)
@@ -264,7 +264,7 @@ class _Live:
         if truncated:
             ep.game_reward, ep.outcome, ep.reason = 0.0, "draw" if ep.players > 1 else "loss", "truncated"
         else:
-            rewards, info = self.env.close()
+            rewards, info = self.with_game_random(self.env.close)
             ep.game_reward = float((rewards or {}).get(ep.seat, 0.0))
             ep.outcome = outcome(ep.game_reward, ep.players)
             ep.reason = str((info or {}).get(ep.seat, {}).get("reason", ""))
@@ -338,6 +338,12 @@ def play_episodes(model, tokenizer, jobs: list[EpisodeJob], config: EnvConfig, o
             ep.env_mask += [0] * len(between)
             ep.turns.append(Turn(observation=lv.pending, action=""))
             lv.pending = ""
+    for lv in lives:  # over before the policy's first action (an opponent's forfeit, a prompt over the limit)
+        if not lv.ep.completion_ids:
+            if not lv.ep.prompt_ids:
+                lv.ep.prompt_ids = conversation.prompt_ids(lv.history[lv.ep.seat] or f"{lv.ep.game}: game over.")
+            lv.ep.completion_ids = [tokenizer.eos_token_id]
+            lv.ep.env_mask = [0]  # nothing the policy wrote: nothing to learn from
     if progress is not None:
         progress(len(lives))
     return [lv.ep for lv in lives]

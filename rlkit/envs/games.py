@@ -13,6 +13,7 @@ offline in the middle of a run, so :func:`check_games` refuses them up front wit
 
 from __future__ import annotations
 
+import random
 import re
 from typing import Any
 
@@ -87,6 +88,7 @@ def check_games(games: list[str]) -> None:
         if fam in MANY_PLAYER:
             raise GameError(f"game {game!r} has more than two players; rlkit's environments seat one policy against "
                             "one opponent (two-player games) or none (puzzles)")
+        saved = random.getstate()  # TextArena's reset seeds the global random: leave the caller's as it was
         try:
             make_env(game, seed=0)
         except SyntaxError as e:
@@ -96,6 +98,8 @@ def check_games(games: list[str]) -> None:
         except Exception as e:  # noqa: BLE001 -- any failure to make the game is the user's to know about
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise GameError(f"game {game!r} cannot be made here: {type(e).__name__}: {first}") from None
+        finally:
+            random.setstate(saved)
 
 
 def num_players(game_id: str) -> int:
