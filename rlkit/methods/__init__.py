@@ -34,6 +34,8 @@ _BUILTIN: dict[str, str] = {
     "autocei_data": "rlkit.methods.autocei.data",
     "bolt_bootstrap": "rlkit.methods.bolt.stage",
     "bolt_sample": "rlkit.methods.bolt.stage",
+    "fuse": "rlkit.methods.fuse",
+    "dfc": "rlkit.methods.dfc",
 }
 _METHODS: dict[str, type[Method]] = {}
 
