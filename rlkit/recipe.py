@@ -115,8 +115,8 @@ class DatasetSpec:
     path: str | None = None
     split: str = "train"
     limit: int | None = None
-    template: Literal["plain", "chat", "think_answer", "auto"] = "auto"
-    """``auto``: chat template when the tokenizer has one, else plain text."""
+    template: Literal["plain", "chat", "think_answer", "raw", "auto"] = "auto"
+    """``auto``: chat template when the tokenizer has one, else plain text; ``raw``: the question as it is."""
     system_prompt: str | None = None
     question_column: str | None = None
     answer_column: str | None = None
@@ -545,12 +545,22 @@ def _merge_data(base: dict, over: dict) -> dict:
     return out
 
 
+def _is_ref(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"from"} and isinstance(value["from"], str)
+
+
 def model_references(run: RunSpec) -> list[tuple[str, str, str]]:
-    """``(section, key, STAGE)`` for every ``key: {from: STAGE}`` of a run's ``trainer`` / ``args``: a setting
-    that takes the model an earlier stage produced, as a path (e.g. DPO's ``ref_model: {from: sft}``)."""
-    return [(section, key, value["from"]) for section in ("trainer", "args")
-            for key, value in getattr(run, section).items()
-            if isinstance(value, dict) and set(value) == {"from"} and isinstance(value["from"], str)]
+    """``(section, key, STAGE)`` for every ``key: {from: STAGE}`` of a run's ``trainer`` / ``args`` (a setting that
+    takes the model an earlier stage produced, as a path, e.g. DPO's ``ref_model: {from: sft}``), and for every
+    ``{from: STAGE}`` item of a list setting (key ``name[i]``, e.g. fuse's ``models[1]``)."""
+    out = []
+    for section in ("trainer", "args"):
+        for key, value in getattr(run, section).items():
+            if _is_ref(value):
+                out.append((section, key, value["from"]))
+            elif isinstance(value, list):
+                out += [(section, f"{key}[{i}]", v["from"]) for i, v in enumerate(value) if _is_ref(v)]
+    return out
 
 
 def fill_model_references(run: RunSpec, model_of) -> RunSpec:
@@ -560,7 +570,12 @@ def fill_model_references(run: RunSpec, model_of) -> RunSpec:
         return run
     sections = {"trainer": dict(run.trainer), "args": dict(run.args)}
     for section, key, stage in refs:
-        sections[section][key] = model_of(stage)
+        item = re.fullmatch(r"(.+)\[(\d+)\]", key)
+        if item:
+            items = sections[section][item[1]] = list(sections[section][item[1]])
+            items[int(item[2])] = model_of(stage)
+        else:
+            sections[section][key] = model_of(stage)
     return dataclasses.replace(run, **sections)
 
 

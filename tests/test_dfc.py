@@ -111,10 +111,22 @@ def test_fuse_models_merges_a_lora_adapter_first(tmp_path):
     assert torch.allclose(fused[key], (merged[key] + base.state_dict()[key]) / 2, atol=1e-6)
 
 
-def test_fuse_stage_refuses_a_list_reference_and_one_model():
+def test_fuse_stage_list_references_and_bad_models():
+    """``models: [{from: a}, {from: b}]`` is filled with the earlier stages' model paths; a self-reference, one model
+    or weights that do not sum to 1 are refused."""
+    import dataclasses
+
+    from rlkit.recipe import fill_model_references, model_references, resolve_runs
+
     raw = {"stages": [{"name": "a", "method": "fuse", "args": {"models": ["x", {"from": "a"}]}}]}
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="not an earlier stage"):
         recipe_from_dict(raw)
+    run = resolve_runs(recipe_from_dict({"method": "fuse", "args": {"models": ["x", "y"]}}, validate=False))[0]
+    run = dataclasses.replace(run, args={"models": [{"from": "a"}, "y", {"from": "b"}], "weights": [0.2, 0.3, 0.5]})
+    assert model_references(run) == [("args", "models[0]", "a"), ("args", "models[2]", "b")]
+    filled = fill_model_references(run, lambda stage: f"/runs/{stage}/final")
+    assert filled.args["models"] == ["/runs/a/final", "y", "/runs/b/final"]
+    assert run.args["models"][0] == {"from": "a"}  # the run itself is unchanged
     with pytest.raises(ConfigError, match="at least two models"):
         recipe_from_dict({"method": "fuse", "args": {"models": ["x"]}})
     with pytest.raises(ConfigError, match="sum to 1"):

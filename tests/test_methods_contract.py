@@ -87,6 +87,35 @@ MINIMAL["bolt_bootstrap"] = _base("bolt_bootstrap", rewards=[{"name": "math_accu
                                                                            / "recipes/bolt/tiny_icl_examples.jsonl")})
 MINIMAL["bolt_bootstrap"]["data"]["train"]["limit"] = 4
 MAY_BE_EMPTY = {("bolt_bootstrap", "selected")}
+# games (rlkit.envs): observations are hundreds of characters, so the tiny model gets a longer position range
+_GAMES_TINY = {**TINY, "max_position_embeddings": 2048}
+MINIMAL["game_demos"] = _base("game_demos", model={"name": "tiny", "tiny": _GAMES_TINY},
+                              env={"games": ["TicTacToe-v0", "GuessTheNumber-v0"]}, args={"episodes_per_game": 2})
+MINIMAL["dfc"] = _base("dfc", model={"name": "tiny", "tiny": _GAMES_TINY},
+                       env={"games": ["TicTacToe-v0", "GuessTheNumber-v0"], "episodes_per_game": 2, "max_turns": 2,
+                            "max_action_tokens": 4},
+                       args={"groups": [["TicTacToe-v0"], ["GuessTheNumber-v0"]], "divide_steps": 1,
+                             "conquer_steps": 1, "eval_episodes": 1,
+                             "grpo": {**_TRAINER, "per_device_train_batch_size": 2, "num_generations": 2,
+                                      "beta": 0.0}})
+MINIMAL["fuse"] = _base("fuse", args={"models": ["<tiny model a>", "<tiny model b>"], "weights": [0.25, 0.75]})
+
+
+def _prepare(name: str, raw: dict, tmp_path: Path) -> dict:
+    """Inputs a minimal recipe needs on disk (fuse: two saved tiny models)."""
+    if name != "fuse":
+        return raw
+    from rlkit.models import build_char_tokenizer, build_tiny_model
+    from rlkit.recipe import TinyModelSpec
+
+    tok = build_char_tokenizer()
+    paths = []
+    for seed in (0, 1):
+        path = tmp_path / f"model_{seed}"
+        build_tiny_model(TinyModelSpec(**TINY), tok, seed=seed).save_pretrained(path)
+        tok.save_pretrained(path)
+        paths.append(str(path))
+    return {**raw, "args": {**raw["args"], "models": paths}}
 
 
 def test_every_method_has_a_contract_recipe():
@@ -118,7 +147,7 @@ def test_stage_method_runs_and_saves(name, tmp_path):
     from rlkit.recipe import recipe_from_dict
 
     out = tmp_path / name
-    recipe = recipe_from_dict({**MINIMAL[name], "output_dir": str(out)})
+    recipe = recipe_from_dict({**_prepare(name, MINIMAL[name], tmp_path), "output_dir": str(out)})
     (summary,) = run_recipe(recipe)
     manifest = read_manifest(out)
     assert manifest is not None and summary["final_model"] == manifest["model"]

@@ -5,6 +5,8 @@
   an instruction to reason step by step and box the answer); TRL applies the tokenizer's chat template.
 - ``think_answer``: the raw-text R1-Zero style template used by the noisy-rewards paper (no chat
   template), ending in ``Assistant: <think>`` so the model continues its reasoning.
+- ``raw``: the question is the whole prompt, as it is (rows whose prompt is already rendered, e.g. a game's
+  conversation so far from a ``game_demos`` stage).
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ THINK_ANSWER_TEMPLATE = (
 
 PLAIN_TEMPLATE = "Question: {question}\nAnswer: "
 
-TEMPLATES = ("plain", "chat", "think_answer")
+TEMPLATES = ("plain", "chat", "think_answer", "raw")
 
 
 def format_prompt(question: str, template: str, system_prompt: str | None = None):
     """The ``prompt`` cell for ``question``: a string, or a list of chat messages for ``chat``."""
     if template == "plain":
         return PLAIN_TEMPLATE.format(question=question)
+    if template == "raw":
+        return question
     if template == "think_answer":
         return THINK_ANSWER_TEMPLATE.format(question=question)
     if template == "chat":

@@ -124,6 +124,18 @@ class Conversation:
     def between_ids(self, observation: str, ended: bool) -> list[int]:
         return self.tokenizer(self.between_text(observation, ended), add_special_tokens=False)["input_ids"]
 
+    def contexts(self, episode: Episode) -> list[str]:
+        """The text the policy saw before each of its actions (every action taken as ending with EOS): the
+        prompt, then each earlier action, its EOS and the environment's text."""
+        if not episode.turns:
+            return []
+        text = self.prompt_text(episode.turns[0].observation)
+        out = [text]
+        for prev, turn in zip(episode.turns, episode.turns[1:]):
+            text += prev.action + (self.eos_text or "") + self.between_text(turn.observation, ended=True)
+            out.append(text)
+        return out
+
 
 def action_checks(action: str, config: EnvConfig) -> tuple[bool, bool]:
     """``(formatted, hasty)`` of an action: it holds a bracketed move; fewer than ``hasty_min_chars`` characters
@@ -289,11 +301,26 @@ def _advance(live: _Live, opponent: Any, config: EnvConfig) -> None:
         live.step(action)
 
 
+def _scripted_actions(player: Any, lives: list[_Live], tokenizer) -> list:
+    """The actions of a scripted ``player`` (the opponents' interface) as completions ending with EOS."""
+    from ..rollout.generation import Completion
+
+    out = []
+    for lv in lives:
+        seat = lv.ep.seat
+        text = lv.with_game_random(lambda lv=lv, seat=seat: player.act(lv.env, seat, lv.history[seat], lv.rng))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append(Completion(text, ids, "stop"))
+    return out
+
+
 def play_episodes(model, tokenizer, jobs: list[EpisodeJob], config: EnvConfig, opponent: Any = None,
                   do_sample: bool = True, sampling: dict | None = None, batch_size: int = 64,
-                  generation_config: Any = None, progress: Any = None) -> list[Episode]:
+                  generation_config: Any = None, progress: Any = None, player: Any = None) -> list[Episode]:
     """Play every job to its end with ``model`` in lockstep (module docstring); returns the episodes in job order.
-    ``progress``: an optional callable ``progress(finished: int)`` called as episodes end."""
+    ``progress``: an optional callable ``progress(finished: int)`` called as episodes end. ``player``: a scripted
+    player (the opponents' interface) that plays the policy's seat instead of ``model`` (demonstrations; its actions
+    are tokenised and end with EOS)."""
     from ..rollout.generation import generate_from_ids
 
     conversation = Conversation(tokenizer, config.system_prompt)
@@ -319,9 +346,12 @@ def play_episodes(model, tokenizer, jobs: list[EpisodeJob], config: EnvConfig, o
             progress(finished)
         if not waiting:
             break
-        outs = generate_from_ids(model, tokenizer, [lv.ep.prompt_ids + lv.ep.completion_ids for lv in waiting],
-                                 config.max_action_tokens, do_sample=do_sample, batch_size=batch_size,
-                                 sampling=sampling, generation_config=generation_config)
+        if player is not None:
+            outs = _scripted_actions(player, waiting, tokenizer)
+        else:
+            outs = generate_from_ids(model, tokenizer, [lv.ep.prompt_ids + lv.ep.completion_ids for lv in waiting],
+                                     config.max_action_tokens, do_sample=do_sample, batch_size=batch_size,
+                                     sampling=sampling, generation_config=generation_config)
         for lv, out in zip(waiting, outs):
             ep, turn = lv.ep, lv.ep.turns[-1]
             ep.completion_ids += out.token_ids

@@ -36,6 +36,7 @@ _BUILTIN: dict[str, str] = {
     "bolt_sample": "rlkit.methods.bolt.stage",
     "fuse": "rlkit.methods.fuse",
     "dfc": "rlkit.methods.dfc",
+    "game_demos": "rlkit.methods.game_demos",
 }
 _METHODS: dict[str, type[Method]] = {}
 

@@ -241,9 +241,6 @@ class FuseMethod(Method):
 
     def check(self, run, config: FuseConfig, where: str) -> None:
         for i, m in enumerate(config.models):
-            if isinstance(m, dict):
-                raise RecipeError(f"{where}.models[{i}]: {{from: {m['from']}}} inside a list is not filled in by this "
-                                  "version of rlkit.recipe; give the stage's folder (<output_dir>/<stage>/final)")
             if m == "tiny":
                 raise RecipeError(f"{where}.models[{i}]: 'tiny' is built from a config, not a saved model")
 
