@@ -14,10 +14,10 @@ opponent, ``episodes`` per game, sampling at temperature 1 (the policy GRPO trai
 collapses onto one move). Per game: the win rate over all seeds with its binomial standard error
 sqrt(p (1 - p) / (episodes x seeds)); the mean over games with sqrt(sum se^2) / games; stability: the standard
 deviation over seeds of each arm's mean win rate, the number of seeds where the arm ends below the base, and the
-training reward per step (plot ``docs/methods/dfc_bench.png``).
+training reward per step (plot ``docs/dfc_bench.png``).
 
-    python bench/dfc.py            # S = 8 (40 RL steps per arm), 48 episodes per game, seeds 0 1 2 (about 2 hours)
-    python bench/dfc.py --quick    # S = 2, 16 episodes per game, seed 0 (about 15 minutes)
+    python bench/dfc.py            # S = 6 (30 RL steps per arm), 32 episodes per game, seeds 0 1 (about an hour)
+    python bench/dfc.py --quick    # S = 2, 12 episodes per game, seed 0 (about 15 minutes)
     python bench/dfc.py --smoke    # 3 games, 1 step per phase, a smaller model (tests; about a minute)
 
 Ends with ``RESULT win_dfc=... win_joint=... win_base=... win_specialists=... games=...`` (mean win rates) and the
@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -44,8 +45,8 @@ PRESETS = {
                   games=[["TicTacToe-v0"], ["KuhnPoker-v0"], ["GuessTheNumber-v0"]], max_turns=3,
                   tiny={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                         "num_key_value_heads": 1, "max_position_embeddings": 4096}),
-    "quick": dict(demos=8, sft_epochs=2, steps=2, episodes=16, batch=8, generations=4, seeds=[0]),
-    "full": dict(demos=24, sft_epochs=2, steps=8, episodes=48, batch=16, generations=8, seeds=[0, 1, 2]),
+    "quick": dict(demos=8, sft_epochs=2, steps=2, episodes=12, batch=8, generations=4, seeds=[0]),
+    "full": dict(demos=24, sft_epochs=2, steps=6, episodes=32, batch=16, generations=8, seeds=[0, 1]),
 }
 ARMS = ("base", "joint", "specialists", "dfc")
 
@@ -92,7 +93,7 @@ def curve(run_dir: Path, phases: list[str]) -> list[float]:
 
 
 def main() -> None:
-    p_args = bench_parser(__doc__, quick="S = 2, 16 episodes per game, seed 0", smoke="3 games, 1 step per phase, "
+    p_args = bench_parser(__doc__, quick="S = 2, 12 episodes per game, seed 0", smoke="3 games, 1 step per phase, "
                           "a smaller model (tests)", seeds=True)
     add_jobs_threads(p_args, jobs=None)
     add_out(p_args, "where runs and results go (default runs/bench_dfc_<preset>)", type=Path)
@@ -116,6 +117,11 @@ def main() -> None:
             r = copy.deepcopy(dfc_recipe)
             r.update(seed=seed, output_dir=str(out / f"seed{seed}" / mode), model={"name": base_model})
             r["args"]["mode"] = mode
+            if mode == "joint":  # the same base evaluation (model, games, episodes, opponent, seed): reuse it
+                cached = out / f"seed{seed}" / "dfc" / "base" / "games_eval.json"
+                if cached.is_file():
+                    (out / f"seed{seed}" / "joint" / "base").mkdir(parents=True, exist_ok=True)
+                    shutil.copy(cached, out / f"seed{seed}" / "joint" / "base" / "games_eval.json")
             print(f"[bench] seed {seed}: {mode}", flush=True)
             train(r, [], out / f"seed{seed}_{mode}.log", threads=args.threads)
             summary = json.loads((out / f"seed{seed}" / mode / "dfc_summary.json").read_text())
@@ -159,7 +165,7 @@ def main() -> None:
                "curves": curves, "wall_seconds": round(wall, 1), "base_model": base_model}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if preset != "smoke":
-        plot(results, ROOT / "docs" / "methods" / ("dfc_bench.png" if preset == "full" else f"dfc_bench_{preset}.png"))
+        plot(results, ROOT / "docs" / ("dfc_bench.png" if preset == "full" else f"dfc_bench_{preset}.png"))
     figures = {f"win_{a}": table[a]["mean"] for a in ("dfc", "joint", "base", "specialists")}
     figures.update({f"se_{a}": table[a]["mean_se"] for a in ("dfc", "joint", "base", "specialists")})
     figures.update(games=len(games), seeds=len(seeds), std_dfc=table["dfc"]["seed_std"],

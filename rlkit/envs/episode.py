@@ -316,11 +316,13 @@ def _scripted_actions(player: Any, lives: list[_Live], tokenizer) -> list:
 
 def play_episodes(model, tokenizer, jobs: list[EpisodeJob], config: EnvConfig, opponent: Any = None,
                   do_sample: bool = True, sampling: dict | None = None, batch_size: int = 64,
-                  generation_config: Any = None, progress: Any = None, player: Any = None) -> list[Episode]:
+                  generation_config: Any = None, progress: Any = None, player: Any = None,
+                  generate: Callable | None = None) -> list[Episode]:
     """Play every job to its end with ``model`` in lockstep (module docstring); returns the episodes in job order.
     ``progress``: an optional callable ``progress(finished: int)`` called as episodes end. ``player``: a scripted
     player (the opponents' interface) that plays the policy's seat instead of ``model`` (demonstrations; its actions
-    are tokenised and end with EOS)."""
+    are tokenised and end with EOS). ``generate(sequences, max_new_tokens) -> list[Completion]`` replaces HF
+    ``generate`` on ``model`` (a trainer's vLLM: :func:`rlkit.rollout.vllm.trainer_generate_ids`)."""
     from ..rollout.generation import generate_from_ids
 
     conversation = Conversation(tokenizer, config.system_prompt)
@@ -348,6 +350,8 @@ def play_episodes(model, tokenizer, jobs: list[EpisodeJob], config: EnvConfig, o
             break
         if player is not None:
             outs = _scripted_actions(player, waiting, tokenizer)
+        elif generate is not None:
+            outs = generate([lv.ep.prompt_ids + lv.ep.completion_ids for lv in waiting], config.max_action_tokens)
         else:
             outs = generate_from_ids(model, tokenizer, [lv.ep.prompt_ids + lv.ep.completion_ids for lv in waiting],
                                      config.max_action_tokens, do_sample=do_sample, batch_size=batch_size,

@@ -14,8 +14,11 @@
 - :func:`episode_reward` is the reward function (named ``game``): the shaped episode reward the rollout computed.
 
 The rollout reads the batch's rows from ``trainer.rlkit_inputs`` (set by ``RLKitGRPOTrainer`` before generation:
-TRL hands ``rollout_func`` the prompts only). Rollouts generate with HF ``generate`` on the (unwrapped) policy;
-vLLM rollouts for games are not supported yet and are refused at recipe time.
+TRL hands ``rollout_func`` the prompts only). Rollouts generate with HF ``generate`` on the (unwrapped) policy, or,
+with ``use_vllm: true``, with the trainer's own vLLM (TRL syncs its weights before each rollout): colocated with
+``vllm_tensor_parallel_size: 1``, or a server from a single training process. Episodes end at different turns, so
+ranks would call vLLM a different number of times; the setups where TRL's vLLM call is collective (a server shared
+by several processes, tensor parallelism) are refused.
 """
 
 from __future__ import annotations
@@ -53,6 +56,17 @@ def episode_reward(prompts, completions, episode_reward=None, **kwargs) -> list[
 episode_reward.__name__ = "game"
 
 
+def check_vllm_game_setup(trainer) -> None:
+    """Refuse the vLLM setups in which TRL's generate is a collective call (module docstring)."""
+    args = trainer.args
+    if args.vllm_mode == "server" and trainer.accelerator.num_processes > 1:
+        raise RuntimeError("game rollouts with a vLLM server need a single training process (episodes end at "
+                           "different turns on each rank); use vllm_mode: colocate, or one process")
+    if args.vllm_mode == "colocate" and getattr(args, "vllm_tensor_parallel_size", 1) > 1:
+        raise RuntimeError("game rollouts with colocated vLLM need vllm_tensor_parallel_size: 1 (episodes end at "
+                           "different turns on each rank)")
+
+
 class GameRollout:
     """TRL ``rollout_func(prompts, trainer)`` playing the batch's rows (module docstring)."""
 
@@ -84,10 +98,19 @@ class GameRollout:
                                             f"{trainer.accelerator.process_index}"))
             index[key] += 1
         training = trainer.model.training
-        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
-                                         gather_deepspeed3_params=trainer.args.ds3_gather_for_generation) as model:
-            episodes = play_episodes(model, trainer.processing_class, jobs, self.config, self.opponent,
-                                     do_sample=True, sampling=self.sampling(trainer), batch_size=self.batch_size)
+        if trainer.use_vllm:
+            from functools import partial
+
+            from ..rollout.vllm import trainer_generate_ids
+
+            check_vllm_game_setup(trainer)
+            generate = partial(trainer_generate_ids, trainer.vllm_generation, trainer.processing_class)
+            episodes = play_episodes(None, trainer.processing_class, jobs, self.config, self.opponent, generate=generate)
+        else:
+            with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
+                                             gather_deepspeed3_params=trainer.args.ds3_gather_for_generation) as model:
+                episodes = play_episodes(model, trainer.processing_class, jobs, self.config, self.opponent,
+                                         do_sample=True, sampling=self.sampling(trainer), batch_size=self.batch_size)
         if training:
             trainer.model.train()
         n = len(episodes)

@@ -222,9 +222,9 @@ class GRPOMethod(TrainerMethod):
                 check_games(run.env.games)
             except GameError as e:
                 raise RecipeError(f"{prefix}env.games: {e}") from None
-            if config.use_vllm:
-                raise RecipeError(f"{where}.use_vllm: game rollouts generate with HF generate on the policy; vLLM "
-                                  "game rollouts are not supported yet (set use_vllm: false)")
+            if config.use_vllm and config.vllm_mode == "colocate" and config.vllm_tensor_parallel_size > 1:
+                raise RecipeError(f"{where}.vllm_tensor_parallel_size: game rollouts with colocated vLLM need 1 "
+                                  "(episodes end at different turns on each rank)")
             if run.kv_cache.kind != "none":
                 raise RecipeError(f"{prefix}kv_cache: game rollouts do not use a compressed key cache; set kind none")
         if config.use_vllm and run.model.name == "tiny":

@@ -260,3 +260,29 @@ def server_probe(client: Any, model: Any, tokenizer: Any, settings: VLLMSettings
     tol = settings.sync_tolerance if settings.sync_tolerance is not None else default_tolerance(
         next(model.parameters()).dtype)
     return ProbeResult(max(diffs), sum(diffs) / len(diffs), tol, time.perf_counter() - t0)
+
+
+def trainer_generate_ids(generation: Any, tokenizer: Any, sequences: list[list[int]], max_new_tokens: int) -> list:
+    """One sampled completion per token-id sequence from a GRPO trainer's own vLLM (TRL's ``VLLMGeneration``, colocated
+    or a server), with the trainer's sampling settings and ``max_new_tokens`` instead of its completion length: the
+    game environments' turns (:mod:`rlkit.envs`). Each call is one ``generate`` of TRL's, so in server mode with
+    several processes, or colocated with tensor parallelism, every rank would have to call it equally often; the
+    caller refuses those setups."""
+    from .generation import Completion
+
+    saved = generation.max_completion_length
+    generation.max_completion_length = max_new_tokens
+    try:
+        _, completion_ids, _, _ = generation.generate(prompts=[list(s) for s in sequences], images=None,
+                                                      num_generations=1)
+    finally:
+        generation.max_completion_length = saved
+    eos = {tokenizer.eos_token_id} - {None}
+    out = []
+    for ids in completion_ids:
+        ids = list(ids)
+        cut = next((k for k, t in enumerate(ids) if t in eos), None)
+        ended = cut is not None
+        ids = ids[: cut + 1] if ended else ids
+        out.append(Completion(tokenizer.decode(ids, skip_special_tokens=True), ids, "stop" if ended else "length"))
+    return out
