@@ -213,3 +213,20 @@ def test_bolt_smoke(repo_root, tmp_path):
     for it in (1, 2, 3):  # each DPO iteration saved a model (trained on best/worst pairs, or kept when none)
         summary = json.loads((tmp_path / f"dpo{it}" / "summary.json").read_text())
         assert summary["dpo_pairs"] >= 0 and (tmp_path / f"dpo{it}" / "final" / "model.safetensors").is_file()
+
+
+def test_dfc_smoke(repo_root, tmp_path):
+    """bench/dfc.py --smoke: demonstrations + SFT base, then DFC (3 specialists, 2 fusions, 2 conquer runs) and the
+    joint arm for the same number of steps, every model evaluated; the RESULT line carries the issue's keys."""
+    pytest.importorskip("textarena")
+    out, res = _run_bench(repo_root, "dfc.py", "--smoke", "--out", str(tmp_path))
+    for key in ("win_dfc", "win_joint", "win_base", "win_specialists"):
+        assert 0 <= float(res[key]) <= 1, res
+    assert int(res["games"]) == 3
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["table"]) == {"base", "joint", "specialists", "dfc"}
+    state = json.loads((tmp_path / "seed0" / "dfc" / "state.json").read_text())
+    assert [p for p in state["phases"]] == ["divide/group_1", "divide/group_2", "divide/group_3", "fuse/group_2",
+                                            "conquer/group_2", "fuse/group_3", "conquer/group_3"]
+    joint = json.loads((tmp_path / "seed0" / "joint" / "state.json").read_text())
+    assert joint["steps"]["total"] == state["steps"]["total"] == 5  # the same RL budget: 3 x 1 + 2 x 1

@@ -256,3 +256,12 @@ def test_evaluate_games_rates_and_log(tok, tmp_path):
     lines = (tmp_path / "episodes.jsonl").read_text().splitlines()
     assert len(lines) == 12 and '"turns"' in lines[0]
     assert summary["opponent"].startswith("rule")
+
+
+def test_a_game_without_a_scripted_player_is_refused_up_front():
+    from rlkit.envs.episode import check_scripted_opponent
+
+    check_scripted_opponent(EnvConfig(games=["TicTacToe-v0", "KuhnPoker-v0", "GuessTheNumber-v0"]))
+    with pytest.raises(ValueError, match="LiarsDice-v0 has no scripted player .*use opponent model:PATH or self"):
+        check_scripted_opponent(EnvConfig(games=["LiarsDice-v0"], opponent="rule"))
+    check_scripted_opponent(EnvConfig(games=["LiarsDice-v0"], opponent="self"))  # a model needs no move list

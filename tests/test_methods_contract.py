@@ -91,10 +91,10 @@ MAY_BE_EMPTY = {("bolt_bootstrap", "selected")}
 _GAMES_TINY = {**TINY, "max_position_embeddings": 2048}
 MINIMAL["game_demos"] = _base("game_demos", model={"name": "tiny", "tiny": _GAMES_TINY},
                               env={"games": ["TicTacToe-v0", "GuessTheNumber-v0"]}, args={"episodes_per_game": 2})
+# one group: one GRPO sub-run (tests/test_bench.py::test_dfc_smoke runs the whole schedule, fusion included)
 MINIMAL["dfc"] = _base("dfc", model={"name": "tiny", "tiny": _GAMES_TINY},
-                       env={"games": ["TicTacToe-v0", "GuessTheNumber-v0"], "episodes_per_game": 2, "max_turns": 2,
-                            "max_action_tokens": 4},
-                       args={"groups": [["TicTacToe-v0"], ["GuessTheNumber-v0"]], "divide_steps": 1,
+                       env={"games": ["TicTacToe-v0"], "episodes_per_game": 2, "max_turns": 2, "max_action_tokens": 4},
+                       args={"groups": [["TicTacToe-v0"]], "divide_steps": 1,
                              "conquer_steps": 1, "eval_episodes": 1,
                              "grpo": {**_TRAINER, "per_device_train_batch_size": 2, "num_generations": 2,
                                       "beta": 0.0}})

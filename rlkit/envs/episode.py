@@ -212,6 +212,33 @@ def make_opponent(config: EnvConfig, policy: Any = None, load: Callable | None =
                          name=f"{kind}:{path}")
 
 
+def check_scripted_opponent(config: EnvConfig, max_steps: int = 300) -> None:
+    """Raise ValueError when ``config.opponent`` is scripted and a two-player game has no scripted player: one game
+    of random moves in both seats is played (a few milliseconds) and must not run out of moves to choose from."""
+    if config.opponent.partition(":")[0] not in ("random", "rule"):
+        return
+    from .opponents import make_scripted
+
+    player = make_scripted("random")
+    for game in config.games:
+        if num_players(game) == 1:
+            continue
+        saved = random.getstate()
+        rng = random.Random(0)
+        try:
+            env = make_env(game, 0, config.error_allowance)
+            for _ in range(max_steps):
+                if env.state.done:
+                    break
+                pid, obs = env.get_observation()
+                env.step(action=player.act(env, pid, render(obs) if isinstance(obs, list) else str(obs), rng))
+        except ValueError as e:
+            raise ValueError(f"env.opponent {config.opponent}: {game} has no scripted player ({e}); use opponent "
+                             "model:PATH or self for it") from None
+        finally:
+            random.setstate(saved)
+
+
 # --------------------------------------------------------------------------------------------------
 # Playing
 

@@ -66,6 +66,9 @@ def evaluate_games(model, tokenizer, env: Any, episodes: int, seed: int = 0, tem
         raise ValueError(f"episodes must be at least 1, got {episodes}")
     check_games(env.games)
     if opponent is None:
+        from ..envs.episode import check_scripted_opponent
+
+        check_scripted_opponent(env)
         opponent = make_opponent(env, policy=(model, tokenizer))
     jobs = [EpisodeJob(game, env.seed_offset + i, env.seat, rng_seed=f"eval|{seed}|{i}")
             for game in env.games for i in range(episodes)]

@@ -218,10 +218,15 @@ class GRPOMethod(TrainerMethod):
             from ..envs.games import GameError, check_games
 
             prefix = where[: -len("trainer")] if where.endswith("trainer") else ""
+            from ..envs.episode import check_scripted_opponent
+
             try:
                 check_games(run.env.games)
+                check_scripted_opponent(run.env)
             except GameError as e:
                 raise RecipeError(f"{prefix}env.games: {e}") from None
+            except ValueError as e:
+                raise RecipeError(f"{prefix}{e}") from None
             if config.use_vllm and config.vllm_mode == "colocate" and config.vllm_tensor_parallel_size > 1:
                 raise RecipeError(f"{where}.vllm_tensor_parallel_size: game rollouts with colocated vLLM need 1 "
                                   "(episodes end at different turns on each rank)")
