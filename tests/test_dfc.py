@@ -343,3 +343,14 @@ def test_dfc_auto_groups_easy_first(tmp_path, fakes):
     run2, cfg2 = _run(tmp_path, groups="auto", auto_by=["players"])
     with pytest.raises(ConfigError, match="holds a run with groups"):
         run_dfc(run2, cfg2)
+
+
+def test_eval_opponent_needs_a_scripted_player_for_every_game():
+    raw = {"method": "dfc", "model": {"name": "tiny"}, "env": {"games": ["TicTacToe-v0", "LiarsDice-v0"],
+                                                               "opponent": "self"},
+           "args": {"groups": [["TicTacToe-v0"], ["LiarsDice-v0"]], "divide_steps": 1, "conquer_steps": 1,
+                    "eval_opponent": "rule"}}
+    with pytest.raises(ConfigError, match=r"eval_opponent: .*LiarsDice-v0 has no scripted player"):
+        recipe_from_dict(raw)
+    raw["args"]["eval_opponent"] = None  # the training opponent (self) evaluates: no move list needed
+    recipe_from_dict(raw)

@@ -476,6 +476,13 @@ class DFCMethod(Method):
             sub = _sub(run, f"check/{label}", run.model.name, games, {}, steps, config.grpo)
             sub_config = grpo.make_config(sub, f"{where}.grpo", device_checks=False)
             grpo.check(sub, sub_config, f"{where}.grpo")
+        if config.eval_episodes and config.eval_opponent:
+            from ..envs.episode import check_scripted_opponent
+
+            try:  # the evaluation's scripted opponent must have a move list for every two-player game
+                check_scripted_opponent(dataclasses.replace(run.env, games=games, opponent=config.eval_opponent))
+            except ValueError as e:
+                raise RecipeError(f"{where}.eval_opponent: {e}") from None
 
     def run(self, run, ctx) -> StageOutput:
         return run_dfc(run, self.make_config(run))
