@@ -249,6 +249,29 @@ class LoggedMetricsMixin:
         self._metrics[mode].clear()
 
 
+class StageState:
+    """The ``state.json`` of an orchestrating stage (``autocei``, ``dfc``) that runs its own sub-runs: read back
+    when the folder holds one (a restarted stage continues from it), saved atomically; ``ran`` / ``skipped`` list
+    the sub-runs run now and those found finished."""
+
+    def __init__(self, output_dir: str | Path):
+        import json
+
+        self.out = Path(output_dir)
+        self.state_path = self.out / "state.json"
+        self.state: dict = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def save(self) -> None:
+        import json
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
+        tmp.replace(self.state_path)
+
+
 def save_final(trainer: Any, tokenizer: Any, final: Path) -> str:
     """Save a trainer's model (merged LoRA if any) and tokenizer as safetensors in ``final``, then mark it done."""
     model = trainer.model

@@ -39,7 +39,7 @@ from typing import Literal
 
 from ..config import RecipeError
 from . import register_method
-from .base import DONE_MARKER, Method, StageOutput
+from .base import DONE_MARKER, Method, StageOutput, StageState
 
 AUTO_CRITERIA = ("wins", "players", "start")
 
@@ -232,24 +232,14 @@ def evaluate_model(run, config: DFCConfig, model: str, games: list[str], out: Pa
         del lm
 
 
-class _Runner:
+class _Runner(StageState):
     """Runs (or skips) the stage's sub-runs, fusions and evaluations, and keeps ``state.json``."""
 
     def __init__(self, run, config: DFCConfig):
+        super().__init__(run.output_dir)
         self.run, self.config = run, config
-        self.out = Path(run.output_dir)
-        self.state_path = self.out / "state.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
         self.start = run.model.name
-        self.ran: list[str] = []
-        self.skipped: list[str] = []
         self.fused: list[str] = []
-
-    def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
-        tmp.replace(self.state_path)
 
     def grpo(self, path: str, model: str, games: list[str], weights: dict, steps: int) -> str:
         """The model of a GRPO sub-run (run now, resumed, or read back from its manifest)."""

@@ -39,7 +39,7 @@ from typing import Literal
 
 from ...config import RecipeError, build
 from .. import register_method
-from ..base import DONE_MARKER, Method, StageOutput
+from ..base import DONE_MARKER, Method, StageOutput, StageState
 from .core import (DEPTH_SPLITTERS, EVAL_IDK_PHRASES, REWARD_IDK_PHRASES, RTUNING_ENDING, Curriculum,
                    CurriculumSearch, depth, ei_converged, init_curriculum, is_idk)
 
@@ -182,24 +182,15 @@ def _log(msg: str) -> None:
     print(f"[rlkit] autocei: {msg}", flush=True)
 
 
-class _Runner:
+class _Runner(StageState):
     """Runs (or skips) the stage's sub-runs and evaluations, and keeps ``state.json``."""
 
     def __init__(self, run, config: AutoCEIConfig):
+        super().__init__(run.output_dir)
         self.run, self.config = run, config
-        self.out = Path(run.output_dir)
-        self.state_path = self.out / "state.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
         self.base = config.base_model or run.model.name
         self.start = run.model.name
-        self.ran, self.skipped = [], []
         self._eval_rows = None
-
-    def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
-        tmp.replace(self.state_path)
 
     def sub(self, sub) -> dict:
         from ...pipeline import read_manifest, run_one
