@@ -57,6 +57,9 @@ class Episode:
     prompt_ids: list[int] = field(default_factory=list)
     completion_ids: list[int] = field(default_factory=list)
     env_mask: list[int] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    """The sampling log-probability of each completion token where the generator reports it (vLLM), None for
+    environment tokens and for generators that do not."""
     game_reward: float = 0.0
     outcome: str = "draw"
     reward: float = 0.0
@@ -68,7 +71,7 @@ class Episode:
     def record(self) -> dict:
         """A JSON-able row (no token ids) for episode logs."""
         row = asdict(self)
-        for key in ("prompt_ids", "completion_ids", "env_mask"):
+        for key in ("prompt_ids", "completion_ids", "env_mask", "logprobs"):
             row.pop(key)
         return row
 
@@ -387,6 +390,7 @@ def play_episodes(model, tokenizer, jobs: list[EpisodeJob], config: EnvConfig, o
             ep, turn = lv.ep, lv.ep.turns[-1]
             ep.completion_ids += out.token_ids
             ep.env_mask += [1] * len(out.token_ids)
+            ep.logprobs += list(out.logprobs) if out.logprobs is not None else [None] * len(out.token_ids)
             turn.action, turn.tokens = out.text, len(out.token_ids)
             turn.formatted, turn.hasty = action_checks(out.text, config)
             turn.invalid = lv.step(out.text)
@@ -397,6 +401,7 @@ def play_episodes(model, tokenizer, jobs: list[EpisodeJob], config: EnvConfig, o
             between = conversation.between_ids(lv.pending, ended=out.finish_reason == "stop")
             ep.completion_ids += between
             ep.env_mask += [0] * len(between)
+            ep.logprobs += [None] * len(between)
             ep.turns.append(Turn(observation=lv.pending, action=""))
             lv.pending = ""
     for lv in lives:  # over before the policy's first action (an opponent's forfeit, a prompt over the limit)
@@ -405,6 +410,7 @@ def play_episodes(model, tokenizer, jobs: list[EpisodeJob], config: EnvConfig, o
                 lv.ep.prompt_ids = conversation.prompt_ids(lv.history[lv.ep.seat] or f"{lv.ep.game}: game over.")
             lv.ep.completion_ids = [tokenizer.eos_token_id]
             lv.ep.env_mask = [0]  # nothing the policy wrote: nothing to learn from
+            lv.ep.logprobs = [None]
     if progress is not None:
         progress(len(lives))
     return [lv.ep for lv in lives]

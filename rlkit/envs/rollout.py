@@ -124,7 +124,9 @@ class GameRollout:
         return {
             "prompt_ids": [e.prompt_ids for e in episodes],
             "completion_ids": [e.completion_ids for e in episodes],
-            "logprobs": None,
+            # vLLM rollouts: the sampled tokens' log-probabilities for TRL's importance-sampling correction (None for
+            # environment tokens: TRL turns them into NaN and leaves them uncorrected; they are out of the loss anyway)
+            "logprobs": [e.logprobs for e in episodes] if trainer.use_vllm else None,
             "env_mask": [e.env_mask for e in episodes],
             "episode_reward": [e.reward for e in episodes],
             "outcome": [e.outcome for e in episodes],

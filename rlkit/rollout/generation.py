@@ -63,6 +63,8 @@ class Completion:
     """The generated token ids (special tokens included, padding removed)."""
     finish_reason: str = "length"
     """``stop`` (EOS or a stop string) or ``length`` (``max_new_tokens`` reached)."""
+    logprobs: list[float] | None = None
+    """The sampling log-probability of each generated token, where the back end reports it (a trainer's vLLM)."""
 
 
 def render_prompts(prompts: list, tokenizer) -> list[str]:

@@ -265,7 +265,8 @@ def server_probe(client: Any, model: Any, tokenizer: Any, settings: VLLMSettings
 def trainer_generate_ids(generation: Any, tokenizer: Any, sequences: list[list[int]], max_new_tokens: int) -> list:
     """One sampled completion per token-id sequence from a GRPO trainer's own vLLM (TRL's ``VLLMGeneration``, colocated
     or a server), with the trainer's sampling settings and ``max_new_tokens`` instead of its completion length: the
-    game environments' turns (:mod:`rlkit.envs`). Each call is one ``generate`` of TRL's, so in server mode with
+    game environments' turns (:mod:`rlkit.envs`). Each completion carries its tokens' sampling log-probabilities
+    (TRL's importance-sampling correction of vLLM rollouts needs them). Each call is one ``generate`` of TRL's, so in server mode with
     several processes, or colocated with tensor parallelism, every rank would have to call it equally often; the
     caller refuses those setups."""
     from .generation import Completion
@@ -273,16 +274,19 @@ def trainer_generate_ids(generation: Any, tokenizer: Any, sequences: list[list[i
     saved = generation.max_completion_length
     generation.max_completion_length = max_new_tokens
     try:
-        _, completion_ids, _, _ = generation.generate(prompts=[list(s) for s in sequences], images=None,
-                                                      num_generations=1)
+        _, completion_ids, logprobs, _ = generation.generate(prompts=[list(s) for s in sequences], images=None,
+                                                             num_generations=1)
     finally:
         generation.max_completion_length = saved
     eos = {tokenizer.eos_token_id} - {None}
     out = []
-    for ids in completion_ids:
+    for k, ids in enumerate(completion_ids):
         ids = list(ids)
-        cut = next((k for k, t in enumerate(ids) if t in eos), None)
+        cut = next((j for j, t in enumerate(ids) if t in eos), None)
         ended = cut is not None
         ids = ids[: cut + 1] if ended else ids
-        out.append(Completion(tokenizer.decode(ids, skip_special_tokens=True), ids, "stop" if ended else "length"))
+        # vLLM reports each token's top log-probabilities, the sampled token's first (TRL keeps that one too)
+        lps = [lp[0] for lp in logprobs[k]][: len(ids)] if logprobs is not None else None
+        out.append(Completion(tokenizer.decode(ids, skip_special_tokens=True), ids, "stop" if ended else "length",
+                              logprobs=lps))
     return out
