@@ -12,7 +12,8 @@ player's demonstrations on the six games, SFT of the tiny char-level model on th
 Every model is evaluated on the same unseen initial states (``eval_seed_offset``) against the same random legal
 opponent, ``episodes`` per game, sampling at temperature 1 (the policy GRPO trains; the tiny model's greedy play
 collapses onto one move). Per game: the win rate over all seeds with its binomial standard error
-sqrt(p (1 - p) / (episodes x seeds)); the mean over games with sqrt(sum se^2) / games; stability: the standard
+sqrt(p (1 - p) / (episodes x seeds)); the mean over games with sqrt(sum se^2) / games; the invalid-move rate
+(per policy turn) and the mean shaped reward, which move before wins do; stability: the standard
 deviation over seeds of each arm's mean win rate, the number of seeds where the arm ends below the base, and the
 training reward per step (plot ``docs/dfc_bench.png``).
 
@@ -45,8 +46,8 @@ PRESETS = {
                   games=[["TicTacToe-v0"], ["KuhnPoker-v0"], ["GuessTheNumber-v0"]], max_turns=3,
                   tiny={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                         "num_key_value_heads": 1, "max_position_embeddings": 4096}),
-    "quick": dict(demos=8, sft_epochs=2, steps=2, episodes=12, batch=8, generations=4, seeds=[0]),
-    "full": dict(demos=24, sft_epochs=2, steps=6, episodes=32, batch=16, generations=8, seeds=[0, 1]),
+    "quick": dict(demos=8, sft_epochs=4, steps=2, episodes=12, batch=8, generations=4, seeds=[0]),
+    "full": dict(demos=16, sft_epochs=4, steps=6, episodes=32, batch=16, generations=8, seeds=[0, 1]),
 }
 ARMS = ("base", "joint", "specialists", "dfc")
 
@@ -89,6 +90,28 @@ def curve(run_dir: Path, phases: list[str]) -> list[float]:
         f = run_dir / ph / "log_history.json"
         if f.is_file():
             out += [h["reward"] for h in json.loads(f.read_text()) if "reward" in h and "train_runtime" not in h]
+    return out
+
+
+def eval_files(run_dir: Path, arm: str, groups: list[list[str]]) -> list[Path]:
+    """The ``games_eval.json`` files that hold an arm's figures in one seed's run folders."""
+    dfc, joint = run_dir / "dfc", run_dir / "joint"
+    if arm == "base":
+        return [dfc / "base" / "games_eval.json"]
+    if arm == "joint":
+        return [joint / "joint" / "games_eval.json"]
+    if arm == "specialists":
+        return [dfc / "divide" / f"group_{k}" / "games_eval.json" for k in range(1, len(groups) + 1)]
+    final = json.loads((dfc / "state.json").read_text())["final"]["phase"]
+    return [dfc / final / "games_eval.json"]
+
+
+def detail(run_dir: Path, arm: str, groups: list[list[str]]) -> dict[str, dict]:
+    """Per game: invalid-move rate (per policy turn), mean shaped reward, mean game score of an arm in one seed."""
+    out = {}
+    for f in eval_files(run_dir, arm, groups):
+        for game, g in json.loads(f.read_text())["games"].items():
+            out[game] = {"invalid": g["invalid"], "reward": g["mean_reward"], "score": g["mean_game_reward"]}
     return out
 
 
@@ -148,6 +171,13 @@ def main() -> None:
         table[arm] = {"per_game": rates, "se": ses, "mean": sum(rates.values()) / len(games),
                       "mean_se": math.sqrt(sum(v * v for v in ses.values())) / len(games), "per_seed_mean": means,
                       "seed_std": statistics.stdev(means) if len(means) > 1 else 0.0}
+    groups = dfc_recipe["args"]["groups"]
+    for arm in ARMS:
+        details = [detail(out / f"seed{s}", arm, groups) for s in seeds]
+        for key in ("invalid", "reward", "score"):
+            per_game = {g: statistics.mean(d[g][key] for d in details) for g in games}
+            table[arm][key] = per_game
+            table[arm][f"mean_{key}"] = sum(per_game.values()) / len(games)
     base_means = table["base"]["per_seed_mean"]
     for arm in ("joint", "specialists", "dfc"):
         table[arm]["seeds_below_base"] = sum(m < b for m, b in zip(table[arm]["per_seed_mean"], base_means))
@@ -158,6 +188,11 @@ def main() -> None:
         print(f"{g:24s}" + "".join(f"{table[a]['per_game'][g]:>11.3f} ± {table[a]['se'][g]:.3f}" for a in ARMS))
     print(f"{'mean':24s}" + "".join(f"{table[a]['mean']:>11.3f} ± {table[a]['mean_se']:.3f}" for a in ARMS))
     print(f"{'seed std of mean':24s}" + "".join(f"{table[a]['seed_std']:>18.3f}" for a in ARMS))
+    for key, label in (("invalid", "invalid moves / turn"), ("reward", "shaped reward")):
+        print(f"\n{label:24s}" + "".join(f"{a:>18s}" for a in ARMS))
+        for g in games:
+            print(f"{g:24s}" + "".join(f"{table[a][key][g]:>18.3f}" for a in ARMS))
+        print(f"{'mean':24s}" + "".join(f"{table[a]['mean_' + key]:>18.3f}" for a in ARMS))
     print(f"DFC - joint: {table['dfc']['mean'] - table['joint']['mean']:+.3f} "
           f"(se {math.hypot(table['dfc']['mean_se'], table['joint']['mean_se']):.3f}); wall {wall / 60:.1f} min")
     results = {"preset": preset, "seeds": seeds, "episodes_per_game": p["episodes"], "steps_per_phase": p["steps"],
@@ -168,6 +203,8 @@ def main() -> None:
         plot(results, ROOT / "docs" / ("dfc_bench.png" if preset == "full" else f"dfc_bench_{preset}.png"))
     figures = {f"win_{a}": table[a]["mean"] for a in ("dfc", "joint", "base", "specialists")}
     figures.update({f"se_{a}": table[a]["mean_se"] for a in ("dfc", "joint", "base", "specialists")})
+    figures.update({f"invalid_{a}": table[a]["mean_invalid"] for a in ARMS})
+    figures.update({f"reward_{a}": table[a]["mean_reward"] for a in ARMS})
     figures.update(games=len(games), seeds=len(seeds), std_dfc=table["dfc"]["seed_std"],
                    std_joint=table["joint"]["seed_std"], dfc_minus_joint=table["dfc"]["mean"] - table["joint"]["mean"])
     for g in games:
@@ -185,7 +222,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     games, table = results["games"], results["table"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.2))
+    fig, (ax, ax3, ax2) = plt.subplots(1, 3, figsize=(18, 4.2))
     width = 0.2
     for i, arm in enumerate(ARMS):
         xs = [k + (i - 1.5) * width for k in range(len(games))]
@@ -195,6 +232,12 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("win rate vs random legal player")
     ax.set_title(f"{len(results['seeds'])} seed(s) x {results['episodes_per_game']} episodes per game")
     ax.legend(fontsize=8)
+    for i, arm in enumerate(ARMS):
+        xs = [k + (i - 1.5) * width for k in range(len(games))]
+        ax3.bar(xs, [table[arm]["invalid"][g] for g in games], width, label=f"{arm} ({table[arm]['mean_invalid']:.2f})")
+    ax3.set_xticks(range(len(games)), [g.replace("-v0", "") for g in games], rotation=20, fontsize=8)
+    ax3.set_ylabel("invalid moves per policy turn")
+    ax3.legend(fontsize=8)
     for mode, style in (("joint", "--"), ("dfc", "-")):
         for seed, ys in results["curves"][mode].items():
             ax2.plot(range(1, len(ys) + 1), ys, style, alpha=0.8, label=f"{mode} seed {seed}")
