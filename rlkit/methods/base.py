@@ -263,6 +263,13 @@ class StageState:
         self.ran: list[str] = []
         self.skipped: list[str] = []
 
+    def claim_mode(self, mode: str) -> None:
+        """Record ``mode`` in the state; a folder that holds a run of another mode is refused."""
+        self.state.setdefault("mode", mode)
+        if self.state["mode"] != mode:
+            raise RecipeError(f"{self.out} holds a mode {self.state['mode']} run; use another output_dir for mode "
+                              f"{mode}")
+
     def save(self) -> None:
         import json
 

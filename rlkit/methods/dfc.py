@@ -326,9 +326,7 @@ def _all_games(run, config: DFCConfig) -> list[str]:
 def run_dfc(run, config: DFCConfig) -> StageOutput:
     r = _Runner(run, config)
     st = r.state
-    st.setdefault("mode", config.mode)
-    if st["mode"] != config.mode:
-        raise RecipeError(f"{r.out} holds a mode {st['mode']} run; use another output_dir for mode {config.mode}")
+    r.claim_mode(config.mode)
     t0 = time.time()
     games = _all_games(run, config)
     base = r.evaluate("base", r.start, games)

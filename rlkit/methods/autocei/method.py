@@ -315,9 +315,7 @@ def curriculum_from_samples(path: str, config: AutoCEIConfig) -> Curriculum:
 def run_autocei(run, config: AutoCEIConfig) -> StageOutput:
     r = _Runner(run, config)
     st = r.state
-    st.setdefault("mode", config.mode)
-    if st["mode"] != config.mode:
-        raise RecipeError(f"{r.out} holds a mode {st['mode']} run; use another output_dir for mode {config.mode}")
+    r.claim_mode(config.mode)
     t0 = time.time()
     st["initial"] = {"model": r.start, **_figures(r.evaluate("init", r.start))}
     r.save()
