@@ -458,12 +458,13 @@ class DFCMethod(Method):
         games = _all_games(run, config)
         divide, conquer = config.steps
         grpo = get_method("grpo")
+        # every sub-run is a grpo run on (some of) these games: its config (both step counts) and checks (games
+        # offline, scripted opponents, vLLM settings, ...) apply here, before any model loads. The checks do not
+        # depend on the step count, so they run once (each one makes every game and plays one)
         for label, steps in (("divide", divide), ("conquer", conquer or divide)):
-            # every sub-run is a grpo run on (some of) these games: its config and checks (games offline, no
-            # vLLM game rollouts, ...) apply here, before any model loads
             sub = _sub(run, f"check/{label}", run.model.name, games, {}, steps, config.grpo)
             sub_config = grpo.make_config(sub, f"{where}.grpo", device_checks=False)
-            grpo.check(sub, sub_config, f"{where}.grpo")
+        grpo.check(sub, sub_config, f"{where}.grpo")
         if config.eval_episodes and config.eval_opponent:
             from ..envs.episode import check_scripted_opponent
 
