@@ -52,6 +52,7 @@ def test_quickstart_cli_runs_both_stages(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_full_quickstart_improves_in_the_rl_phase(tmp_path):
     from rlkit.quickstart import run_quickstart
 
