@@ -120,7 +120,8 @@ def cmd_eval(args) -> int:
                        search=search_settings(args), draft=args.draft, target=args.target, scorer=args.scorer,
                        rsd=rsd_settings(args), select=args.select,
                        synthetic=_key_values({}, args.synthetic, "--synthetic", "max_operand=12"),
-                       idk_phrases=args.idk_phrases, idk_lambda=args.idk_lambda)
+                       idk_phrases=args.idk_phrases, idk_lambda=args.idk_lambda, calibration=args.calibration,
+                       ece_bins=args.ece_bins)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -297,6 +298,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         "reward: the released reward's list, or phrases separated by ';') or answers 'no answer'")
     e.add_argument("--idk-lambda", type=float, default=0.2,
                    help="lambda of f = (1 - lambda) precision + lambda (1 - idk_rate) (default 0.2, Auto-CEI's)")
+    e.add_argument("--calibration", nargs="?", const="answer", default=None, choices=["answer", "sequence"],
+                   help="also report calibration of the greedy answers (HF backend): each answer's confidence "
+                        "(answer, the default: the probability of the final answer's tokens, i.e. the answer-token "
+                        "probability for single-token answers; sequence: of the whole completion), the ECE and "
+                        "reliability.png beside summary.json")
+    e.add_argument("--ece-bins", type=int, default=10, help="--calibration: equal-width confidence bins (default 10)")
     e.add_argument("--vllm-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a vLLM setting for --backend vllm (repeatable): enforce_eager, cpu_kvcache_space, "
                         "max_model_len, gpu_memory_utilization (dtype comes from --dtype)")

@@ -18,6 +18,11 @@ samples per problem with a :class:`rlkit.eval.select.Selector` (PRM / ORM score,
 Reward-guided speculative decoding (:func:`evaluate_rsd`, ``rlkit eval --decoder rsd``) judges the solution
 :func:`rlkit.rollout.rsd.rsd_decode` writes per problem and keeps its RSD record (steps, sources, rewards, token
 counters, per-model FLOPs); the summary totals them (:func:`rlkit.rollout.rsd.summarize`).
+
+Calibration (``evaluate_rows(..., calibration="answer"|"sequence")``, ``rlkit eval --calibration``): the greedy
+completions are generated with their token log-probabilities, every greedy record gets the model's confidence in
+its final answer (:func:`rlkit.eval.calibration.completion_confidence`) and the summary the ECE and the reliability
+table (:func:`rlkit.eval.calibration.summarize`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any
 from rlkit_rewards.math import numbers_equal, verify_answer
 from rlkit_rewards.text import extract_answer, parse_number
 
-from ..rollout import GenerationSettings, generate_texts, render_prompts
+from ..rollout import GenerationSettings, generate, generate_texts, render_prompts
 
 __all__ = ["GenerationSettings", "evaluate_rows", "evaluate_rsd", "evaluate_search", "judge", "majority",
            "render_prompts", "write_outputs"]
@@ -67,12 +72,16 @@ def judge(completion: str, gold: str) -> tuple[str | None, bool]:
 
 def evaluate_rows(model, tokenizer, rows: list[dict], settings: GenerationSettings | None = None,
                   samples: int = 0, progress: bool = True, model_path: str | None = None,
-                  selector=None) -> tuple[dict, list[dict]]:
+                  selector=None, calibration: str | None = None, ece_bins: int = 10) -> tuple[dict, list[dict]]:
     """Evaluate ``rows`` (``prompt``, ``answer``): greedy pass@1, plus pass@k/maj@k when ``samples`` > 0.
 
     ``selector`` (an ``rlkit.eval.select.Selector``, with ``samples`` > 0): choose one sample per problem and
     report ``bon@{samples}`` and ``bon_curve`` (best-of-n over the first n samples); each sample's record gets
     its scores (``step_scores``, ``score``) and each problem's record the chosen index (``selected``).
+
+    ``calibration`` (``answer`` or ``sequence``, HF backend): each greedy record gets ``confidence`` (None when
+    ``answer`` finds no final answer) and ``confidence_tokens`` (the token span it multiplies), and the summary
+    ``ece`` over ``ece_bins`` bins, ``mean_confidence`` and the rest of :func:`rlkit.eval.calibration.summarize`.
 
     Returns ``(summary, records)``; each record holds the completion(s), extracted answer(s) and verdicts.
     """
@@ -83,15 +92,35 @@ def evaluate_rows(model, tokenizer, rows: list[dict], settings: GenerationSettin
     def gen(n, sample, desc):
         return generate_texts(model, tokenizer, prompts, settings, n, sample, progress, desc, model_path)
 
-    greedy = gen(1, False, "greedy")
+    if calibration is None:
+        greedy = [(outs[0], None) for outs in gen(1, False, "greedy")]
+    else:
+        from dataclasses import replace
+
+        from .calibration import CONFIDENCE_MODES
+
+        if calibration not in CONFIDENCE_MODES:
+            raise ValueError(f"unknown confidence {calibration!r}; use one of {', '.join(CONFIDENCE_MODES)}")
+        greedy = [(outs[0].text, outs[0]) for outs in generate(
+            model, tokenizer, prompts, replace(settings, logprobs=True), 1, False, progress, "greedy", model_path)]
     records = []
     correct = 0
-    for row, outs in zip(rows, greedy):
-        pred, ok = judge(outs[0], row["answer"])
+    for row, (text, completion) in zip(rows, greedy):
+        pred, ok = judge(text, row["answer"])
         correct += ok
-        records.append({"question": row.get("question"), "gold": row["answer"], "completion": outs[0],
-                        "extracted": pred, "correct": ok})
+        rec = {"question": row.get("question"), "gold": row["answer"], "completion": text, "extracted": pred,
+               "correct": ok}
+        if completion is not None:
+            from .calibration import completion_confidence
+
+            rec.update(completion_confidence(completion.token_ids, completion.logprobs, tokenizer, text,
+                                             calibration, answer=pred))
+        records.append(rec)
     summary: dict[str, Any] = {"n": len(rows), "pass@1": correct / max(1, len(rows))}
+    if calibration is not None:
+        from .calibration import summarize as calibration_summary
+
+        summary.update(calibration_summary(records, calibration, ece_bins))
     if samples > 0:
         sampled = gen(samples, True, f"sample x{samples}")
         any_ok = maj_ok = mean_ok = 0.0

@@ -3,7 +3,10 @@
 Decoders: ``greedy`` (pass@1, plus pass@k / maj@k with ``samples``, and best-of-N with a ``select`` rule),
 ``value_search`` (value-guided step-level beam search steered by a saved value model, HF backend only) and
 ``rsd`` (reward-guided speculative decoding: a draft model, a target model and a PRM or value model; HF or
-vLLM)."""
+vLLM).
+
+``calibration`` (greedy decoder, HF backend): the model's confidence in each greedy final answer, the ECE and a
+reliability diagram (``reliability.png`` beside ``summary.json``); see :mod:`rlkit.eval.calibration`."""
 
 from __future__ import annotations
 
@@ -61,6 +64,23 @@ def _check_decoder(decoder: str, backend: str, value_model: str | None, samples:
         raise ConfigError("--samples applies to the greedy decoder; value_search returns one solution per problem")
     if kv_cache is not None:
         raise ConfigError("--kv-cache is not supported with --decoder value_search")
+
+
+def _check_calibration(calibration: str | None, ece_bins: int, decoder: str, backend: str) -> None:
+    from ..config import ConfigError
+    from .calibration import CONFIDENCE_MODES
+
+    if calibration is None:
+        return
+    if calibration not in CONFIDENCE_MODES:
+        raise ConfigError(f"unknown --calibration {calibration!r}; use one of {', '.join(CONFIDENCE_MODES)}")
+    if isinstance(ece_bins, bool) or not isinstance(ece_bins, int) or ece_bins < 1:
+        raise ConfigError(f"--ece-bins must be a positive integer, got {ece_bins!r}")
+    if decoder != "greedy":
+        raise ConfigError(f"--calibration scores the greedy decoder's answers; drop it for --decoder {decoder}")
+    if backend != "hf":
+        raise ConfigError("--calibration needs --backend hf: token log-probabilities are not read from vLLM's "
+                          "offline engine yet")
 
 
 def check_value_model_dir(path: str) -> None:
@@ -171,7 +191,8 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
              kv_cache=None, vllm=None, path: str | None = None, decoder: str = "greedy",
              value_model: str | None = None, search=None, draft: str | None = None, target: str | None = None,
              scorer: str | None = None, rsd=None, select: str | None = None, synthetic: dict | None = None,
-             idk_phrases: str | list[str] | None = None, idk_lambda: float = 0.2) -> dict:
+             idk_phrases: str | list[str] | None = None, idk_lambda: float = 0.2, calibration: str | None = None,
+             ece_bins: int = 10) -> dict:
     """Evaluate ``model`` on ``benchmark``; ``kv_cache`` is an ``rlkit.kvcache.KVCacheConfig`` (HF backend),
     ``vllm`` an ``rlkit.rollout.VLLMSettings`` (vLLM backend; its dtype defaults to ``dtype``), ``path`` a local
     jsonl for a known benchmark.
@@ -196,7 +217,12 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
 
     ``idk_phrases`` (``eval``, ``reward``, ``"phrase1;phrase2"`` or a list; see :mod:`rlkit.eval.idk`): also report
     Auto-CEI's refusal-aware figures, ``precision`` (correct / non-IDK), ``idk_rate``, ``accuracy`` (an IDK answer
-    is never correct) and ``f`` with lambda ``idk_lambda``, and mark every record ``idk``."""
+    is never correct) and ``f`` with lambda ``idk_lambda``, and mark every record ``idk``.
+
+    ``calibration`` (``answer`` or ``sequence``; greedy decoder, HF backend): every greedy record gets the model's
+    ``confidence`` in its final answer (``answer``: the probability of the answer's tokens; ``sequence``: of the
+    whole completion), the summary ``ece`` over ``ece_bins`` equal-width bins, ``mean_confidence``, the reliability
+    table, and ``outputs.reliability``, a reliability-diagram PNG beside summary.json."""
     from ..models import load_model, load_tokenizer
 
     phrases = None
@@ -219,6 +245,7 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
                        synthetic=dict(synthetic or {}))
 
     _check_decoder(decoder, backend, value_model, samples, kv_cache, model, draft, target, scorer, select)
+    _check_calibration(calibration, ece_bins, decoder, backend)
     if decoder == "value_search":
         check_value_model_dir(value_model)  # before the policy loads
     if decoder == "rsd":
@@ -268,7 +295,8 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
                                       backend=backend, kv_cache=kv_cache, vllm=vllm)
         try:
             summary, records = evaluate_rows(lm, tokenizer, ds.to_list(), settings, samples=samples,
-                                             model_path=model_path, selector=selector)
+                                             model_path=model_path, selector=selector, calibration=calibration,
+                                             ece_bins=ece_bins)
         finally:
             if backend == "vllm":
                 from ..rollout.vllm import close_engines
@@ -283,7 +311,7 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
 def _finish(summary: dict, records: list[dict], benchmark: str, split: str, backend: str, kv_cache, vllm,
             output_dir: str | None, name: str, idk_phrases=None, idk_lambda: float = 0.2) -> dict:
     """Add the run's settings (and, with ``idk_phrases``, the IDK figures) to the summary and write
-    completions.jsonl and summary.json."""
+    completions.jsonl, summary.json and, with calibration figures, reliability.png."""
     if idk_phrases is not None:
         from .idk import idk_summary
 
@@ -292,6 +320,15 @@ def _finish(summary: dict, records: list[dict], benchmark: str, split: str, back
                     "kv_cache": kv_cache.to_dict() if kv_cache is not None else None,
                     "vllm": dataclasses.asdict(vllm) if vllm is not None else None})
     out = output_dir or str(Path("runs") / "eval" / f"{name}-{benchmark.replace(':', '_').replace('/', '_')}")
+    outputs = {}
+    if summary.get("ece") is not None:
+        from .calibration import reliability_diagram
+
+        scored = [r for r in records if r.get("confidence") is not None]
+        png = reliability_diagram([r["confidence"] for r in scored], [r["correct"] for r in scored],
+                                  Path(out) / "reliability.png", summary["ece_bins"],
+                                  title=f"{name} on {benchmark} ({summary['confidence']} confidence)")
+        outputs["reliability"] = str(png)
     comp, summ = write_outputs(out, summary, records)
-    summary["outputs"] = {"completions": str(comp), "summary": str(summ)}
+    summary["outputs"] = {"completions": str(comp), "summary": str(summ), **outputs}
     return summary

@@ -9,7 +9,9 @@ compression is configured.
   ``num_samples`` return sequences per prompt; greedy unless ``do_sample``. ``top_k=None`` keeps the model's
   generation-config default (as before this layer existed). ``seed`` seeds a forked torch RNG, so the
   caller's random state is untouched. ``stop`` strings end a completion (the text is cut before the first
-  stop string, as vLLM does; the token ids keep what was generated).
+  stop string, as vLLM does; the token ids keep what was generated). With ``settings.logprobs`` each
+  completion also carries its tokens' log-probabilities under the model's own distribution (raw logits,
+  temperature 1, no filtering), e.g. for calibration in ``rlkit eval``.
 - **vLLM** (:mod:`.vllm`): the offline engine, built once per model path and reused.
 """
 
@@ -48,6 +50,10 @@ class GenerationSettings:
     """An ``rlkit.rollout.vllm.VLLMSettings`` (dtype, eager mode, CPU KV-cache size...); None: the defaults."""
     kv_cache: Any = None
     """An ``rlkit.kvcache.KVCacheConfig`` (PolarQuant / ThinK key-cache compression for HF generate), or None."""
+    logprobs: bool = False
+    """Also return each generated token's log-probability in ``Completion.logprobs``: under the model's own
+    distribution (raw logits at temperature 1, before any sampling filter), whether decoding is greedy or sampled.
+    HF backend only for now; the vLLM backend refuses it."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -64,7 +70,8 @@ class Completion:
     finish_reason: str = "length"
     """``stop`` (EOS or a stop string) or ``length`` (``max_new_tokens`` reached)."""
     logprobs: list[float] | None = None
-    """The sampling log-probability of each generated token, where the back end reports it (a trainer's vLLM)."""
+    """A log-probability per generated token where the back end reports it: a trainer's vLLM (the sampling
+    log-probability), or HF generation with ``GenerationSettings.logprobs`` (the model's raw distribution)."""
 
 
 def render_prompts(prompts: list, tokenizer) -> list[str]:
@@ -119,6 +126,16 @@ def _generated_ids(row: torch.Tensor, pad_id: int | None, eos_ids: set[int]) -> 
     return ids, False
 
 
+def _token_logprobs(step_logits: tuple, tokens: torch.Tensor) -> list[list[float]]:
+    """log p(token) of every generated token (rows of ``tokens``) under the raw logits of its step
+    (``generate(..., output_logits=True)``), one step at a time so no (batch, steps, vocab) tensor is built."""
+    cols = [torch.log_softmax(step.float(), -1).gather(1, tokens[:, s : s + 1].to(step.device))[:, 0]
+            for s, step in enumerate(step_logits)]
+    if not cols:
+        return [[] for _ in range(tokens.shape[0])]
+    return torch.stack(cols, 1).cpu().tolist()
+
+
 @torch.no_grad()
 def generate_hf(model, tokenizer, prompts: list[str], settings: GenerationSettings, num_samples: int = 1,
                 do_sample: bool = False, progress: bool = True, desc: str = "generate") -> list[list[Completion]]:
@@ -153,13 +170,22 @@ def generate_hf(model, tokenizer, prompts: list[str], settings: GenerationSettin
                 gen_kwargs.update(temperature=None, top_p=None, top_k=None)
             if settings.stop:
                 gen_kwargs.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
-            out = model.generate(**enc, **gen_kwargs)[:, enc["input_ids"].shape[1]:]
+            token_lps = None
+            if settings.logprobs:
+                gen_kwargs.update(output_logits=True, return_dict_in_generate=True)
+                res = model.generate(**enc, **gen_kwargs)
+                out = res.sequences[:, enc["input_ids"].shape[1]:]
+                token_lps = _token_logprobs(res.logits, out)
+                del res
+            else:
+                out = model.generate(**enc, **gen_kwargs)[:, enc["input_ids"].shape[1]:]
             texts = tokenizer.batch_decode(out, skip_special_tokens=True)
             for j, i in enumerate(idx):
                 for k in range(j * num_samples, (j + 1) * num_samples):
                     ids, ended = _generated_ids(out[k], tokenizer.pad_token_id, eos_ids)
                     text, stopped = _cut(texts[k], settings.stop)
-                    results[i].append(Completion(text, ids, "stop" if ended or stopped else "length"))
+                    lps = token_lps[k][: len(ids)] if token_lps is not None else None
+                    results[i].append(Completion(text, ids, "stop" if ended or stopped else "length", logprobs=lps))
             bar.update(len(idx))
         bar.close()
     finally:
@@ -177,6 +203,12 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
     the model from ``model_path`` (default ``model.name_or_path``); HF uses ``model``."""
     if settings.backend == "vllm":
         from .vllm import generate_vllm
+
+        if settings.logprobs:
+            from .errors import VLLMError
+
+            raise VLLMError("token log-probabilities (GenerationSettings.logprobs) are not wired for the vLLM "
+                            "backend yet; use backend 'hf'")
 
         return generate_vllm(model_path or model.name_or_path, prompts, settings, num_samples, do_sample,
                              vllm=settings.vllm)
