@@ -220,6 +220,39 @@ def cmd_pear(args) -> int:
     return 0
 
 
+def cmd_distill_prepare(args) -> int:
+    """``rlkit distill prepare``: the teacher's top-k distributions over a data set's responses
+    (:func:`rlkit.methods.first.topk.prepare_topk`; the stage form is ``method: distill_prepare``)."""
+    from .config import from_arguments
+    from .data import build_dataset
+    from .methods.first.stage import DistillPrepareConfig
+    from .methods.first.topk import prepare_topk
+    from .models import load_model
+    from .recipe import DatasetSpec, ModelSpec
+
+    config = from_arguments(DistillPrepareConfig, args, "rlkit distill prepare", tau=args.tau)
+    data = DatasetSpec(name=args.data, split=args.split, limit=args.limit, template=args.template, path=args.path)
+    model, tokenizer = load_model(ModelSpec(name=args.teacher, dtype=args.dtype))
+    import torch
+
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    rows = build_dataset(data, tokenizer).to_list()
+    try:
+        summary = prepare_topk(model, tokenizer, rows, args.out, k=config.k, responses=config.responses,
+                               heldout_fraction=config.heldout_fraction, tau=config.tau,
+                               criterion=config.tau_criterion, use_other=config.use_other,
+                               max_length=config.max_length, batch_size=config.batch_size,
+                               max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
+                               temperature=config.temperature, seed=args.seed, ece_bins=config.ece_bins,
+                               teacher_name=args.teacher)
+    except ValueError as e:
+        print(f"rlkit: error: rlkit distill prepare: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_env(args) -> int:
     from .env import main as env_main
 
@@ -442,6 +475,33 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
         add_arguments(pe, PearStageConfig, exclude=("settings", "positive_only"))
     pe.set_defaults(func=cmd_pear)
+
+    di = sub.add_parser("distill", help="FIRST: a teacher's top-k next-token distributions for distillation")
+    disub = di.add_subparsers(dest="distill_command", required=True)
+    dp = disub.add_parser("prepare", help="store a teacher's top-k log-probs per response token and choose tau",
+                          description="Run --teacher over the responses of --data (its reference solutions, or "
+                                      "responses the teacher generates), store the top-k next-token ids and "
+                                      "log-probs of every response token in --out (topk.jsonl, topk.safetensors, "
+                                      "topk_meta.json) and choose the temperature on held-out rows. The folder is "
+                                      "what `method: first` trains from (the stage form: `method: distill_prepare`).")
+    dp.add_argument("--teacher", required=True, help="the teacher: hub id, local path or built-in name")
+    dp.add_argument("--data", required=True,
+                    help="gsm8k | math500 | math | synthetic | jsonl:PATH | hub id (rows with a prompt and a "
+                         "completion, response or solution)")
+    dp.add_argument("--split", default="train")
+    dp.add_argument("--path", default=None, help="local jsonl file (or folder) for a known benchmark")
+    dp.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    dp.add_argument("--template", choices=["auto", "plain", "chat", "think_answer"], default="auto")
+    dp.add_argument("--out", required=True, help="output folder (topk.jsonl, topk.safetensors, topk_meta.json)")
+    dp.add_argument("--tau", default="auto",
+                    help="teacher temperature: auto (chosen on the held-out rows) or a positive number (default auto)")
+    dp.add_argument("--seed", type=int, default=0, help="seeds the held-out draw and generated responses")
+    dp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    if full("distill"):
+        from .methods.first.stage import DistillPrepareConfig
+
+        add_arguments(dp, DistillPrepareConfig, exclude=("tau",), rename={"use_other": "other"})
+    dp.set_defaults(func=cmd_distill_prepare)
     return p
 
 

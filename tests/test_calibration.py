@@ -236,3 +236,56 @@ def test_cli_eval_calibration_end_to_end(answering_model, tmp_path, capsys):
         assert main(base + ["--calibration"] + extra + ["--output-dir", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1, err
+
+
+# --------------------------------------------------------------------------------------------------
+# `rlkit distill prepare` (FIRST's teacher top-k, rlkit/methods/first/topk.py) through the CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A random tiny Llama (TINY_SHAPE) with the char tokenizer, saved as a checkpoint folder."""
+    from rlkit.models import build_char_tokenizer, build_tiny_model
+    from rlkit.recipe import TinyModelSpec
+
+    tok = build_char_tokenizer()
+    ckpt = tmp_path_factory.mktemp("tiny") / "ckpt"
+    build_tiny_model(TinyModelSpec(**TINY_SHAPE), tok, seed=0).save_pretrained(ckpt, safe_serialization=True)
+    tok.save_pretrained(ckpt)
+    return ckpt
+
+
+def test_cli_distill_prepare(tiny_checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from rlkit.cli import main
+    from rlkit.models import load_model
+    from rlkit.recipe import ModelSpec
+
+    out = tmp_path / "topk"
+    base = ["distill", "prepare", "--teacher", str(tiny_checkpoint), "--data", "synthetic", "--limit", "10",
+            "--template", "plain", "--max-length", "96", "--batch-size", "4"]
+    assert main(base + ["--out", str(out), "--k", "3", "--heldout-fraction", "0.2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    meta = json.loads((out / "topk_meta.json").read_text())
+    index = [json.loads(x) for x in (out / "topk.jsonl").read_text().splitlines()]
+    tensors = load_file(str(out / "topk.safetensors"))
+    assert meta["k"] == 3 and meta["rows"] == len(index) == 10 and meta["heldout_rows"] == 2
+    assert printed["tokens"] == meta["tokens"] == tensors["ids"].shape[0] and tensors["logprobs"].shape[1] == 3
+    assert meta["tau_source"].startswith("auto") and meta["teacher"] == str(tiny_checkpoint)
+    # the stored log-probs are the teacher's top-3 at the response positions of the first row
+    model, _ = load_model(ModelSpec(name=str(tiny_checkpoint)))
+    row = index[0]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+    lp = torch.log_softmax(logits.float(), -1)[row["prompt_length"] - 1: len(row["input_ids"]) - 1]
+    top = lp.topk(3, -1)
+    assert torch.allclose(tensors["logprobs"][row["start"]: row["end"]], top.values, atol=1e-4)
+    # a fixed temperature, and user errors as one line with exit 2
+    assert main(base + ["--out", str(tmp_path / "fixed"), "--tau", "1.5", "--no-other"]) == 0
+    assert json.loads((tmp_path / "fixed" / "topk_meta.json").read_text())["tau"] == {"topk": 1.5, "other": 1.5}
+    capsys.readouterr()
+    for extra, msg in ((["--tau", "-1"], "tau must be 'auto' or a positive number"), (["--k", "0"], "k must be")):
+        assert main(base + ["--out", str(tmp_path / "bad")] + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
