@@ -104,11 +104,24 @@ def rsd_settings(args):
 
 
 def cmd_eval(args) -> int:
+    from .config import ConfigError
+
+    if sum(bool(x) for x in (args.benchmark, args.games, args.manyshot)) > 1:
+        raise ConfigError("rlkit eval: give one of --benchmark, --games and --manyshot")
+    if not args.manyshot and (args.shots is not None or args.items is not None or args.max_context is not None):
+        raise ConfigError("--shots, --items and --max-context apply to --manyshot")
+    if args.calibration is not None and not args.benchmark:
+        raise ConfigError("--calibration applies to --benchmark evaluation")
+    if args.manyshot:
+        return _eval_manyshot(args)
     if args.games:
         return _eval_games(args)
     if not args.benchmark:
-        raise SystemExit("rlkit eval: give --benchmark (math) or --games (TextArena games)")
+        raise SystemExit("rlkit eval: give --benchmark (math), --games (TextArena games) or --manyshot (many-shot ICL)")
     from .eval.run import run_eval
+
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 512
 
     kv = kv_cache_config(args.kv_cache, args.kv_option)
     vllm = vllm_settings(args.dtype, args.vllm_option) if args.backend == "vllm" else None
@@ -123,6 +136,52 @@ def cmd_eval(args) -> int:
                        idk_phrases=args.idk_phrases, idk_lambda=args.idk_lambda, calibration=args.calibration,
                        ece_bins=args.ece_bins)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _shot_list(text: str) -> list[int]:
+    try:
+        ks = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated shot counts like 0,1,5,10, got {text!r}") from None
+    if not ks or min(ks) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative shot counts like 0,1,5,10, got {text!r}")
+    return ks
+
+
+def _eval_manyshot(args) -> int:
+    """``rlkit eval --manyshot``: accuracy against the number of demonstrations (:mod:`rlkit.eval.manyshot`)."""
+    from .config import ConfigError
+    from .data.manyshot import EpisodeError, load_episodes, resolve_tasks
+    from .eval.manyshot import DEFAULT_SHOTS, run_manyshot_eval
+    from .models import load_model
+    from .recipe import ModelSpec
+
+    if args.model is None:
+        raise ConfigError("rlkit eval --manyshot: give --model")
+    if args.items is not None and args.items < 1:
+        raise ConfigError(f"--items must be at least 1, got {args.items}")
+    out = args.output_dir or str(Path("runs") / "eval" / f"{Path(args.model).name}-manyshot")
+    try:  # the tasks or episodes first: a wrong name fails before the model loads
+        tasks = load_episodes(args.manyshot) if args.manyshot.endswith(".jsonl") else resolve_tasks(args.manyshot)
+    except EpisodeError as e:
+        print(f"rlkit: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    model, tokenizer = load_model(ModelSpec(name=args.model, dtype=args.dtype))
+    import torch
+
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    try:
+        summary = run_manyshot_eval(model, tasks, DEFAULT_SHOTS if args.shots is None else args.shots,
+                                    20 if args.items is None else args.items, out, seed=args.seed,
+                                    max_new_tokens=16 if args.max_new_tokens is None else args.max_new_tokens,
+                                    batch_size=args.batch_size, max_context=args.max_context, tokenizer=tokenizer,
+                                    label=args.model)
+    except EpisodeError as e:
+        print(f"rlkit: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "records"}, indent=2))
     return 0
 
 
@@ -293,13 +352,24 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print as JSON")
     v.set_defaults(func=cmd_env)
 
-    e = sub.add_parser("eval", help="evaluate a model on a math benchmark, or on TextArena games (--games)")
+    e = sub.add_parser("eval", help="evaluate a model on a math benchmark, on TextArena games (--games) or many-shot "
+                                    "in-context tasks (--manyshot)")
     e.add_argument("--model", default=None,
                    help="hub id, local path, or built-in name (--decoder rsd: the default --target)")
     e.add_argument("--benchmark", default=None, help="gsm8k | math500 | aime24 | amc23 | synthetic | jsonl:PATH")
     e.add_argument("--games", default=None, metavar="G1,G2",
                    help="evaluate on TextArena games instead (ids such as TicTacToe-v0,Nim-v0): win, draw, loss and "
                         "invalid-move rates per game; every episode goes to episodes.jsonl")
+    e.add_argument("--manyshot", default=None, metavar="TASKS_OR_JSONL",
+                   help="many-shot in-context evaluation instead: built-in task names, train, heldout or all "
+                        "(comma-separated), or an ICL-50 episodes .jsonl; accuracy per number of shots and per task "
+                        "in manyshot.json, every completion in manyshot_records.jsonl, the curve in manyshot.png")
+    e.add_argument("--shots", type=_shot_list, default=None, metavar="K1,K2",
+                   help="--manyshot: demonstration counts (default 0,1,5,10,25,50,100)")
+    e.add_argument("--items", type=int, default=None, help="--manyshot: queries per task (default 20)")
+    e.add_argument("--max-context", type=int, default=None,
+                   help="--manyshot: prompt + answer tokens at most (default: the model's context); a shot count "
+                        "beyond it is skipped and reported")
     e.add_argument("--episodes", type=int, default=64, help="--games: episodes per game (default 64)")
     e.add_argument("--opponent", default="random", help="--games: random | rule | model:PATH (default random)")
     e.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE",
@@ -314,7 +384,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     e.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature (default 0.6 for --samples, 1.0 for --decoder value_search, 0 "
                         "(greedy) for both models of --decoder rsd)")
-    e.add_argument("--max-new-tokens", type=int, default=512)
+    e.add_argument("--max-new-tokens", type=int, default=None, help="default 512 (--manyshot: 16)")
     e.add_argument("--batch-size", type=int, default=16,
                    help="prompts per generate call (value_search, rsd: problems decoded together)")
     e.add_argument("--backend", choices=["hf", "vllm"], default="hf")
@@ -366,7 +436,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         "option; off by default: in OREO's layout that position is the untrained terminal state)")
     e.add_argument("--seed", type=int, default=0,
                    help="value_search: sampling seed; rsd: seeds sampling and non-binary acceptance; --games: seeds "
-                        "seats, opponents and sampling")
+                        "seats, opponents and sampling; --manyshot: seeds the queries and demonstrations")
     e.add_argument("--draft", default=None, metavar="MODEL", help="rsd: the small model that proposes each step")
     e.add_argument("--target", default=None, metavar="MODEL",
                    help="rsd: the large model that writes rejected steps (default: --model)")

@@ -289,3 +289,45 @@ def test_cli_distill_prepare(tiny_checkpoint, tmp_path, capsys):
         assert main(base + ["--out", str(tmp_path / "bad")] + extra) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1, err
+
+
+# --------------------------------------------------------------------------------------------------
+# `rlkit eval --manyshot` (rlkit/eval/manyshot.py) through the CLI
+
+
+def test_cli_eval_manyshot(tiny_checkpoint, tmp_path, capsys):
+    from rlkit.cli import main
+    from rlkit.data.manyshot import task_names
+
+    task = task_names("heldout")[0]
+    out = tmp_path / "ms"
+    assert main(["eval", "--model", str(tiny_checkpoint), "--manyshot", task, "--shots", "0,1,60", "--items", "3",
+                 "--max-new-tokens", "4", "--output-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    printed = json.loads(text[text.index("\n{") + 1:])  # after the one-line accuracy report
+    summary = json.loads((out / "manyshot.json").read_text())
+    assert printed["accuracy"] == summary["accuracy"]
+    # 0 and 1 shots fit the tiny model's 128-token context; 60 demonstrations do not and are reported skipped
+    assert set(summary["accuracy"]) == {"0", "1"} and summary["skipped"] == {task: [60]}
+    assert summary["items"] == 3
+    assert len((out / "manyshot_records.jsonl").read_text().splitlines()) == 6
+    assert (out / "manyshot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # ICL-50 episodes from a jsonl: the last demonstration of each episode is the query
+    pairs = [("ab", "ba"), ("cd", "dc"), ("ef", "fe")]
+    episodes = tmp_path / "episodes.jsonl"
+    episodes.write_text("".join(json.dumps({"id": i, "messages": [
+        m for x, y in pairs[i:] + pairs[:i] for m in ({"role": "user", "content": x},
+                                                      {"role": "assistant", "content": y, "loss": 1})]}) + "\n"
+        for i in range(3)))
+    assert main(["eval", "--model", str(tiny_checkpoint), "--manyshot", str(episodes), "--shots", "0,1",
+                 "--items", "3", "--max-new-tokens", "3", "--output-dir", str(tmp_path / "ms2")]) == 0
+    assert set(json.loads((tmp_path / "ms2" / "manyshot.json").read_text())["accuracy"]) == {"0", "1"}
+    capsys.readouterr()
+    for argv, msg in ((["--manyshot", "no_such_task"], "no_such_task"),
+                      (["--manyshot", str(tmp_path / "none.jsonl")], "no such episode file"),
+                      (["--benchmark", "synthetic", "--shots", "0,1"], "apply to --manyshot"),
+                      (["--manyshot", task, "--benchmark", "synthetic"], "one of --benchmark, --games and --manyshot"),
+                      (["--manyshot", task, "--calibration"], "--calibration applies to --benchmark")):
+        assert main(["eval", "--model", str(tiny_checkpoint), "--output-dir", str(tmp_path / "x")] + argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
