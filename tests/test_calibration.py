@@ -35,6 +35,8 @@ def test_ece_over_confident_equals_hand_value():
     assert ece(conf, correct) == pytest.approx((10 * 0.3 + 5 * 0.2) / 15)
     # confidences in one bin average before the gap is taken: 0.92 and 0.98 -> mean 0.95, accuracy 0.5
     assert ece([0.92, 0.98], [1, 0]) == pytest.approx(0.45)
+    # tensors (FIRST's token-level ECE passes them) give the same value
+    assert ece(torch.tensor(conf), torch.tensor(correct)) == pytest.approx((10 * 0.3 + 5 * 0.2) / 15)
     # with one bin ECE is |mean confidence - accuracy|
     assert ece(conf, correct, bins=1) == pytest.approx(abs((9 + 3) / 15 - 8 / 15))
 

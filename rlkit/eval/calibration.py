@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["CONFIDENCE_MODES", "answer_span", "completion_confidence", "ece", "reliability", "reliability_diagram",
            "summarize", "token_span"]
@@ -26,45 +29,55 @@ CONFIDENCE_MODES = ("answer", "sequence")
 _TOL = 1e-6  # a probability computed as exp(log p) may exceed 1 by rounding
 
 
-def _check(confidences: Sequence[float], correct: Sequence, bins: int) -> tuple[list[float], list[float]]:
+def _array(values) -> "np.ndarray":
+    import numpy as np
+
+    if hasattr(values, "detach"):  # a torch tensor, possibly on a GPU
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=np.float64).reshape(-1)
+
+
+def _check(confidences: Sequence[float], correct: Sequence, bins: int):
+    import numpy as np
+
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be a positive integer, got {bins!r}")
-    conf = [float(c) for c in confidences]
-    acc = [float(bool(c)) for c in correct]
-    if len(conf) != len(acc):
-        raise ValueError(f"{len(conf)} confidences but {len(acc)} correctness flags")
-    if not conf:
+    conf = _array(confidences)
+    acc = (_array(correct) != 0).astype(np.float64)
+    if conf.shape != acc.shape:
+        raise ValueError(f"{conf.size} confidences but {acc.size} correctness flags")
+    if not conf.size:
         raise ValueError("no predictions to compute calibration over")
-    for c in conf:
-        if not (-_TOL <= c <= 1 + _TOL):  # also rejects NaN
-            raise ValueError(f"confidences must lie in [0, 1], got {c!r}")
-    return [min(1.0, max(0.0, c)) for c in conf], acc
+    bad = ~((conf >= -_TOL) & (conf <= 1 + _TOL))  # also catches NaN
+    if bad.any():
+        raise ValueError(f"confidences must lie in [0, 1], got {conf[bad][0]!r}")
+    return np.clip(conf, 0.0, 1.0), acc
 
 
-def _bin_index(c: float, bins: int) -> int:
-    """Bin of confidence ``c``: ``b`` with ``b/bins < c <= (b+1)/bins``; 0 goes to the first bin. Edges are
-    ``b/bins`` computed as divisions, so 0.3 falls in (0.2, 0.3] as written."""
-    b = min(bins - 1, max(0, math.ceil(c * bins) - 1))
-    if b + 1 < bins and c > (b + 1) / bins:  # c * bins rounded down across an edge
-        b += 1
-    elif b > 0 and c <= b / bins:  # c * bins rounded up across an edge (e.g. 0.3 * 10)
-        b -= 1
-    return b
+def _bin_index(conf, bins: int):
+    """Bin of each confidence: ``b`` with ``b/bins < c <= (b+1)/bins``; 0 goes to the first bin. Edges are
+    ``b/bins`` computed as divisions, so 0.3 falls in (0.2, 0.3] as written (0.3 * 10 rounds up past 3)."""
+    import numpy as np
+
+    b = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
+    b = np.where((b + 1 < bins) & (conf > (b + 1) / bins), b + 1, b)  # c * bins rounded down across an edge
+    return np.where((b > 0) & (conf <= b / bins), b - 1, b)  # c * bins rounded up across an edge
 
 
 def reliability(confidences: Sequence[float], correct: Sequence, bins: int = 10) -> list[dict]:
     """One dict per equal-width bin, in order: ``lo``, ``hi`` (the bin is ``(lo, hi]``, the first ``[0, hi]``),
-    ``count``, ``accuracy`` and ``confidence`` (the mean confidence; both None for an empty bin)."""
+    ``count``, ``accuracy`` and ``confidence`` (the mean confidence; both None for an empty bin). Inputs: sequences
+    or arrays/tensors of confidences in [0, 1] and of truthy/falsy verdicts."""
+    import numpy as np
+
     conf, acc = _check(confidences, correct, bins)
-    sums = [[0, 0.0, 0.0] for _ in range(bins)]
-    for c, a in zip(conf, acc):
-        s = sums[_bin_index(c, bins)]
-        s[0] += 1
-        s[1] += a
-        s[2] += c
-    return [{"lo": b / bins, "hi": (b + 1) / bins, "count": n,
-             "accuracy": (a / n if n else None), "confidence": (c / n if n else None)}
-            for b, (n, a, c) in enumerate(sums)]
+    b = _bin_index(conf, bins)
+    counts = np.bincount(b, minlength=bins)
+    hits = np.bincount(b, weights=acc, minlength=bins)
+    sums = np.bincount(b, weights=conf, minlength=bins)
+    return [{"lo": k / bins, "hi": (k + 1) / bins, "count": int(n),
+             "accuracy": (float(hits[k] / n) if n else None), "confidence": (float(sums[k] / n) if n else None)}
+            for k, n in enumerate(counts)]
 
 
 def ece(confidences: Sequence[float], correct: Sequence, bins: int = 10) -> float:
