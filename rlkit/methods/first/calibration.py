@@ -62,26 +62,10 @@ def calibrated_logprobs(logprobs: torch.Tensor, tau: float, use_other: bool) -> 
 
 
 def ece(confidences, correct, bins: int = 10) -> float:
-    """Expected calibration error with equal-width bins (rlkit.eval.calibration's definition)."""
-    try:
-        from ...eval.calibration import ece as _ece
-    except ImportError:  # TODO(H1): drop once rlkit.eval.calibration lands
-        _ece = _ece_local
+    """Expected calibration error with equal-width bins (:func:`rlkit.eval.calibration.ece`)."""
+    from ...eval.calibration import ece as _ece
+
     return float(_ece(confidences, correct, bins=bins))
-
-
-def _ece_local(confidences, correct, bins: int = 10) -> float:
-    conf = torch.as_tensor(list(confidences), dtype=torch.float64)
-    ok = torch.as_tensor([float(c) for c in correct], dtype=torch.float64)
-    if conf.numel() == 0:
-        return 0.0
-    b = torch.clamp(torch.ceil(conf * bins).long() - 1, 0, bins - 1)  # bins (lo, hi], the first includes 0
-    total = 0.0
-    for i in range(bins):
-        sel = b == i
-        if sel.any():
-            total += float(sel.sum()) / conf.numel() * abs(float(ok[sel].mean() - conf[sel].mean()))
-    return total
 
 
 def _criterion(logprobs: torch.Tensor, ids: torch.Tensor, target: torch.Tensor, tau: float, use_other: bool,
