@@ -1,9 +1,9 @@
 """FIRST vs plain SFT and full-logit distillation: accuracy and answer calibration (ECE) of a distilled student.
 
-Models: ``recipes/first/tiny.yaml``. The **teacher** is a 4-layer char-level Llama (0.8M parameters) SFT'd on exact
+Models: ``recipes/first/tiny.yaml``. The **teacher** is a 4-layer char-level Llama (3.2M parameters) SFT'd on exact
 step-by-step demonstrations of the synthetic arithmetic task; the ``distill_prepare`` stage stores its top-5 next
 tokens per response token of the training rows' reference solutions and chooses the temperature tau on 10% held-out
-rows (token-level ECE). The **student** is a 2-layer model (0.1M) and every arm starts from the same random
+rows (token-level ECE). The **student** is a 2-layer model (0.2M) and every arm starts from the same random
 initialisation (the recipe seed) and trains the same steps on the same rows:
 
 - ``sft``: plain fine-tuning on the reference solutions (TRL's SFT, the "standard fine-tuning" baseline);
@@ -47,8 +47,8 @@ _SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "n
           "num_key_value_heads": 1}
 PRESETS = {
     "smoke": dict(teacher_steps=4, rows=24, student_steps=3, test=8, seeds=[0], teacher_shape=_SMALL),
-    "quick": dict(teacher_steps=300, rows=2000, student_steps=250, test=200, seeds=[0]),
-    "full": dict(teacher_steps=400, rows=2000, student_steps=300, test=500, seeds=[0, 1, 2]),
+    "quick": dict(teacher_steps=500, rows=2000, student_steps=400, test=200, seeds=[0]),
+    "full": dict(teacher_steps=600, rows=2000, student_steps=500, test=500, seeds=[0, 1, 2]),
 }
 
 

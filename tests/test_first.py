@@ -213,7 +213,8 @@ def test_released_defaults_and_kd_loss():
     for cls in (FIRSTConfig, KDConfig):
         args = cls(output_dir="unused", report_to="none")
         assert (args.learning_rate, args.lr_scheduler_type.value if hasattr(args.lr_scheduler_type, "value")
-                else args.lr_scheduler_type, args.warmup_ratio) == (2e-6, "cosine", 0.03)
+                else args.lr_scheduler_type) == (2e-6, "cosine")
+        assert args.get_warmup_steps(1000) == 30  # the released 3% warm-up reaches the scheduler
     with pytest.raises(ValueError, match="normalization"):
         FIRSTConfig(output_dir="unused", normalization="cubic")
     t = torch.randn(2, 4, 11)

@@ -100,6 +100,15 @@ MINIMAL["dfc"] = _base("dfc", model={"name": "tiny", "tiny": _GAMES_TINY},
                                       "beta": 0.0}})
 MINIMAL["fuse"] = _base("fuse", args={"models": ["<tiny model a>", "<tiny model b>"], "weights": [0.25, 0.75]})
 
+# FIRST: the stage prepares the tiny teacher's top-k; `first` with `teacher` prepares its own at run time
+MINIMAL["distill_prepare"] = _base("distill_prepare", args={"k": 3, "heldout_fraction": 0.25})
+MINIMAL["distill_prepare"]["data"]["train"]["limit"] = 8
+MINIMAL["first"] = _base("first", trainer={**_TRAINER, "per_device_train_batch_size": 4, "teacher": "tiny", "k": 3,
+                                           "heldout_fraction": 0.25})
+MINIMAL["kd"] = _base("kd", trainer={**_TRAINER, "per_device_train_batch_size": 4, "teacher": "tiny",
+                                     "max_length": 64})
+MINIMAL["manyshot_data"] = _base("manyshot_data", args={"tasks": "heldout", "num_episodes": 4, "max_shots": 8,
+                                                        "max_tokens": 256})
 
 def _prepare(name: str, raw: dict, tmp_path: Path) -> dict:
     """Inputs a minimal recipe needs on disk (fuse: two saved tiny models)."""

@@ -37,6 +37,11 @@ _BUILTIN: dict[str, str] = {
     "fuse": "rlkit.methods.fuse",
     "dfc": "rlkit.methods.dfc",
     "game_demos": "rlkit.methods.game_demos",
+    "distill_prepare": "rlkit.methods.first.stage",
+    "first": "rlkit.methods.first.trainer",
+    "kd": "rlkit.methods.first.trainer",
+    "manyshot_data": "rlkit.methods.manyshot_data",
+    "dricl": "rlkit.methods.dricl",
 }
 _METHODS: dict[str, type[Method]] = {}
 

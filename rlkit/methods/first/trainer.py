@@ -234,7 +234,8 @@ class FIRSTConfig(TrainingArguments):
 
     learning_rate: float = _released(2e-6, "Learning rate (the released script: 2e-6).")
     lr_scheduler_type: str = _released("cosine", "Schedule (the released script: cosine).")
-    warmup_ratio: float = _released(0.03, "Warm-up fraction (the released script: 0.03).")
+    warmup_steps: float = _released(0.03, "Warm-up steps, or below 1 a fraction of the run (the released script: a "
+                                           "3% warm-up ratio).")
     num_train_epochs: float = _released(3.0, "Epochs (the released script: 3).")
     per_device_train_batch_size: int = _released(8, "Batch per device (the released script: 8).")
     gradient_accumulation_steps: int = _released(2, "Gradient accumulation (the released script: 2).")
@@ -268,7 +269,8 @@ class KDConfig(TrainingArguments):
 
     learning_rate: float = _released(2e-6, "Learning rate (FIRST's released script: 2e-6).")
     lr_scheduler_type: str = _released("cosine", "Schedule (FIRST's released script: cosine).")
-    warmup_ratio: float = _released(0.03, "Warm-up fraction (FIRST's released script: 0.03).")
+    warmup_steps: float = _released(0.03, "Warm-up steps, or below 1 a fraction of the run (FIRST's released "
+                                           "script: a 3% warm-up ratio).")
     num_train_epochs: float = _released(3.0, "Epochs (FIRST's released script: 3).")
     per_device_train_batch_size: int = _released(8, "Batch per device (FIRST's released script: 8).")
     gradient_accumulation_steps: int = _released(2, "Gradient accumulation (FIRST's released script: 2).")
