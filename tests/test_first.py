@@ -204,7 +204,7 @@ def test_first_trainer_learns_and_resumes(tiny_model, tiny_spec, char_tokenizer,
     assert loss_of(whole.model) < 0.9 * loss_of(student0)
     logs = [h for h in whole.state.log_history if "loss" in h]
     assert len(logs) == 4 and all("kl_per_token" in h and "top1_agreement" in h for h in logs)
-    assert whole.args.learning_rate == 1e-2 and _first_args(tmp_path).warmup_ratio == 0.03
+    assert whole.args.learning_rate == 1e-2 and _first_args(tmp_path).warmup_steps == 0.03
 
 
 def test_released_defaults_and_kd_loss():
