@@ -2,8 +2,8 @@
 tasks at 0, 1, 5, 10, 25, 50 and 100 demonstrations.
 
 Task: ``recipes/dricl/smollm2.yaml``. A ``manyshot_data`` stage writes many-shot episodes (ICL-50 format) of the
-built-in *training* tasks (``rlkit.data.manyshot``), packed into a token budget of the model's chat template; from
-the one base model, per seed:
+built-in *training* tasks (``rlkit.data.manyshot``; every kind in turn), packed into a token budget of the model's
+chat template; from the one base model, per seed:
 
 - ``nll``: ``method: dricl`` with ``train_type: many-shot``, the plain causal NLL of every answer (the paper's
   many-shot fine-tuning baseline);
@@ -57,13 +57,28 @@ PRESETS = {
 }
 
 
+def mixed_train_tasks() -> str:
+    """Every training task, ordered round-robin over the task kinds (the generator takes task ``i mod n`` for episode
+    ``i``, and the catalogue lists 28 word-category tasks first): a few dozen episodes cover every kind."""
+    from rlkit.data.manyshot import task_names
+
+    kinds: dict[str, list[str]] = {}
+    for name in task_names("train"):
+        kinds.setdefault(name.split(":")[0], []).append(name)
+    order = []
+    while any(kinds.values()):
+        order += [names.pop(0) for names in kinds.values() if names]
+    return ",".join(order)
+
+
 def bench_recipe(p: dict) -> dict:
     """The shipped recipe with the preset's data and trainer, plus an ``nll`` stage: the same trainer with
     ``train_type: many-shot``, from the same base model."""
     raw = load_recipe_dict(p["recipe"])
     raw["plot"] = False
     stages = {s["name"]: s for s in raw["stages"]}
-    stages["data"]["args"].update(num_episodes=p["episodes"], max_shots=p["max_shots"], max_tokens=p["max_tokens"])
+    stages["data"]["args"].update(tasks=mixed_train_tasks(), num_episodes=p["episodes"], max_shots=p["max_shots"],
+                                  max_tokens=p["max_tokens"])
     dricl = stages.pop("dricl")
     trainer = dricl["trainer"]
     trainer.update(max_length=p["max_tokens"], gradient_accumulation_steps=p["grad_acc"], learning_rate=p["lr"],
