@@ -230,3 +230,17 @@ def test_dfc_smoke(repo_root, tmp_path):
                                             "conquer/group_2", "fuse/group_3", "conquer/group_3"]
     joint = json.loads((tmp_path / "seed0" / "joint" / "state.json").read_text())
     assert joint["steps"]["total"] == state["steps"]["total"] == 5  # the same RL budget: 3 x 1 + 2 x 1
+
+
+def test_first_smoke(repo_root, tmp_path):
+    """bench/first.py --smoke: teacher SFT, top-k preparation with tau chosen on held-out rows, the four student arms
+    (SFT, full-logit KD, FIRST at tau 1 and at the chosen tau) from one start, each evaluated for accuracy and ECE."""
+    out, res = _run_bench(repo_root, "first.py", "--smoke", "--jobs", "1", "--out", str(tmp_path))
+    for arm in ("sft", "kd", "first", "first_uncal"):
+        assert 0 <= float(res[f"acc_{arm}"]) <= 1, res
+        assert f"ece_{arm}" in res  # nan when a smoke-sized model writes no answer to be confident in
+    assert 0 < float(res["topk_bytes_ratio"]) < 1 and float(res["tau"]) > 0
+    meta = json.loads((tmp_path / "prepare" / "topk_meta.json").read_text())
+    assert meta["bytes_topk"] == meta["tokens"] * meta["k"] * 8  # int32 id + float32 log-prob per entry
+    for arm in ("sft", "kd", "first", "first_uncal"):
+        assert (tmp_path / f"{arm}_s0" / "final" / "model.safetensors").is_file()
