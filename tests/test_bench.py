@@ -244,3 +244,14 @@ def test_first_smoke(repo_root, tmp_path):
     assert meta["bytes_topk"] == meta["tokens"] * meta["k"] * 8  # int32 id + float32 log-prob per entry
     for arm in ("sft", "kd", "first", "first_uncal"):
         assert (tmp_path / f"{arm}_s0" / "final" / "model.safetensors").is_file()
+
+
+def test_dricl_smoke(repo_root, tmp_path):
+    """bench/dricl.py --smoke: many-shot episodes, plain many-shot NLL and DR-ICL from the same model, both and the base
+    evaluated on held-out tasks; the RESULT line carries acc_nll_<k> and acc_dricl_<k> for every k of the issue."""
+    out, res = _run_bench(repo_root, "dricl.py", "--smoke", "--out", str(tmp_path))
+    for k in (0, 1, 5, 10, 25, 50, 100):
+        assert f"acc_nll_{k}" in res and f"acc_dricl_{k}" in res, res
+    for k in (0, 1, 5):  # the k the smoke preset evaluates
+        for arm in ("base", "nll", "dricl"):
+            assert 0 <= float(res[f"acc_{arm}_{k}"]) <= 1, res

@@ -109,6 +109,12 @@ MINIMAL["kd"] = _base("kd", trainer={**_TRAINER, "per_device_train_batch_size": 
                                      "max_length": 64})
 MINIMAL["manyshot_data"] = _base("manyshot_data", args={"tasks": "heldout", "num_episodes": 4, "max_shots": 8,
                                                         "max_tokens": 256})
+# DR-ICL: the shipped sample episodes (ICL-50 layout), rendered in the char tokenizer's plain layout
+MINIMAL["dricl"] = _base("dricl", model={"name": "tiny", "tiny": {**TINY, "max_position_embeddings": 512}},
+                         data={"train": {"name": "jsonl:" + str(Path(__file__).resolve().parent.parent / "recipes"
+                                                                / "dricl" / "sample_episodes.jsonl")}},
+                         trainer={**_TRAINER, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+                                  "max_length": 256})
 
 def _prepare(name: str, raw: dict, tmp_path: Path) -> dict:
     """Inputs a minimal recipe needs on disk (fuse: two saved tiny models)."""
