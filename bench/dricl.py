@@ -196,6 +196,14 @@ def main() -> None:
         {"preset": preset, "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in p.items()},
          "accuracy": acc, "gains": gains, "skipped": skipped, "train_logs": logs,
          "per_task": {name: [r["per_task"] for r in runs] for name, runs in results.items()}}, indent=2) + "\n")
+    from rlkit.eval.manyshot import plot_manyshot
+
+    labels = {"base": "base model", "nll": "many-shot NLL", "dricl": "DR-ICL (all)"}
+    png = plot_manyshot([{"label": labels.get(name, name), "accuracy": {k: v for k, v in acc[name].items()
+                                                                         if v == v}}  # nan: k not evaluated
+                         for name in acc], out / "manyshot.png",
+                        title=f"held-out tasks, {len(p['seeds'])} seed(s), {preset}")
+    print(f"plot: {png}")
     figures = {f"acc_{name}_{k}": acc[name][k] for name in ("base", *ARMS) for k in SHOTS}
     print_result(**figures, gain_base=gains["base"], gain_nll=gains["nll"], gain_dricl=gains["dricl"],
                  dricl_minus_nll=diff, seeds=len(p["seeds"]), train_s=round(train_s), eval_s=round(eval_s))
