@@ -34,6 +34,7 @@ from transformers import Trainer, TrainingArguments
 from ..config import RecipeError
 from . import register_method
 from .base import LoggedMetricsMixin, StageOutput, TrainerMethod, save_final
+from .collate import pad_ids, right_pad
 
 __all__ = ["DrICLCollator", "DrICLConfig", "DrICLMethod", "DrICLTrainer", "combine_losses", "encode_episodes",
            "importance_score", "reweight", "zero_shot_allowed", "zero_shot_mask"]
@@ -191,18 +192,8 @@ class DrICLCollator:
         self.pad_id = pad_id
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(x["input_ids"]) for x in items)
-        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        labels = torch.full((len(items), width), -100, dtype=torch.long)
-        spans = torch.full((len(items), width), -1, dtype=torch.long)
-        for r, x in enumerate(items):
-            n = len(x["input_ids"])
-            ids[r, :n] = torch.tensor(x["input_ids"])
-            mask[r, :n] = 1
-            labels[r, :n] = torch.tensor(x["labels"])
-            spans[r, :n] = torch.tensor(x["span_ids"])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "span_ids": spans}
+        return {**pad_ids(items, self.pad_id), "labels": right_pad([x["labels"] for x in items], -100),
+                "span_ids": right_pad([x["span_ids"] for x in items], -1)}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from transformers import Trainer, TrainingArguments
 from ...config import RecipeError
 from .. import register_method
 from ..base import LoggedMetricsMixin, TrainerMethod
+from ..collate import pad_ids
 from .calibration import calibrated_logprobs, parse_tau
 
 __all__ = ["DistillCollator", "FIRSTConfig", "FIRSTMethod", "FIRSTTrainer", "KDConfig", "KDMethod", "KDTrainer",
@@ -112,10 +113,8 @@ class DistillCollator:
         self.pad_id = pad_id
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(x["input_ids"]) for x in items)
-        B = len(items)
-        ids = torch.full((B, width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((B, width), dtype=torch.long)
+        out = pad_ids(items, self.pad_id)
+        B, width = out["input_ids"].shape
         loss_mask = torch.zeros((B, width - 1), dtype=torch.float32)
         has_topk = "topk_ids" in items[0]
         if has_topk:
@@ -124,13 +123,11 @@ class DistillCollator:
             tlp = torch.zeros((B, width - 1, k), dtype=torch.float32)
         for r, x in enumerate(items):
             n, p = len(x["input_ids"]), x["prompt_length"]
-            ids[r, :n] = torch.as_tensor(x["input_ids"], dtype=torch.long)
-            attn[r, :n] = 1
             loss_mask[r, p - 1:n - 1] = 1.0
             if has_topk:
                 tids[r, p - 1:n - 1] = x["topk_ids"][: n - p].long()
                 tlp[r, p - 1:n - 1] = x["topk_logprobs"][: n - p].float()
-        out = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
+        out["loss_mask"] = loss_mask
         if has_topk:
             out.update(topk_ids=tids, topk_logprobs=tlp)
         return out

@@ -35,6 +35,7 @@ from ...process_reward import (AGGREGATES, DEFAULT_STEP_TAG, META_FILE, ProcessR
                                label_token_ids, tag_ids, two_logits, write_meta)
 from .. import register_method
 from ..base import LoggedMetricsMixin, StageOutput, TrainerMethod, save_final
+from ..collate import pad_ids, right_pad
 
 __all__ = ["PRMCollator", "PRMConfig", "PRMMethod", "PRMTrainer", "prm_loss", "tokenize_prm_rows"]
 
@@ -195,19 +196,8 @@ class PRMCollator:
         self.pad_id = pad_id
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(x["input_ids"]) for x in items)
-        tags = max(len(x["tag_index"]) for x in items)
-        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        index = torch.full((len(items), tags), -1, dtype=torch.long)
-        label = torch.full((len(items), tags), -1.0, dtype=torch.float32)
-        for r, x in enumerate(items):
-            n = len(x["input_ids"])
-            ids[r, :n] = torch.tensor(x["input_ids"])
-            mask[r, :n] = 1
-            index[r, :len(x["tag_index"])] = torch.tensor(x["tag_index"])
-            label[r, :len(x["tag_label"])] = torch.tensor(x["tag_label"], dtype=torch.float32)
-        return {"input_ids": ids, "attention_mask": mask, "tag_index": index, "tag_label": label}
+        return {**pad_ids(items, self.pad_id), "tag_index": right_pad([x["tag_index"] for x in items], -1),
+                "tag_label": right_pad([x["tag_label"] for x in items], -1.0, torch.float32)}
 
 
 def prm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
