@@ -74,6 +74,16 @@ def load_selected_rows(spec) -> tuple[list[dict], str, object]:
     return raw, source, bench
 
 
+def load_stored_rows(spec, who: str) -> tuple[list[dict], str]:
+    """``(rows as stored, source)`` after ``spec``'s ``where`` / ``balance`` selection and ``limit``, for a method
+    that reads its own fields; a DataError naming ``who`` when no row is left."""
+    raw, source, _ = load_selected_rows(spec)
+    if spec.limit is not None:
+        raw = raw[: spec.limit]
+    if not raw:
+        raise DataError(f"{who}: dataset {spec.name!r} has no row")
+    return raw, source
+
 def load_rows(spec) -> list[dict]:
     """Rows for a ``DatasetSpec``-like object (name, path, split, limit, columns, seed, synthetic), keeping
     only the rows that match its ``where`` filter and, with ``balance``, the balanced selection of a ``sample``

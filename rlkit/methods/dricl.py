@@ -355,14 +355,9 @@ class DrICLTrainer(LoggedMetricsMixin, Trainer):
 
 def load_episodes(spec: Any) -> tuple[list[dict], str]:
     """The stored rows of ``spec`` (its ``where`` selection and ``limit`` applied)."""
-    from ..data import DataError, load_selected_rows
+    from ..data import load_stored_rows
 
-    raw, source, _ = load_selected_rows(spec)
-    if spec.limit is not None:
-        raw = raw[: spec.limit]
-    if not raw:
-        raise DataError(f"dricl: dataset {spec.name!r} has no row")
-    return raw, source
+    return load_stored_rows(spec, "dricl")
 
 
 @register_method

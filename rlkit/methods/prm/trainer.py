@@ -270,14 +270,9 @@ class PRMTrainer(LoggedMetricsMixin, Trainer):
 
 def load_prm_rows(spec: Any) -> tuple[list[dict], str]:
     """The stored rows of ``spec`` after its ``where`` / ``balance`` selection and ``limit``."""
-    from ...data import DataError, load_selected_rows
+    from ...data import load_stored_rows
 
-    raw, source, _ = load_selected_rows(spec)
-    if spec.limit is not None:
-        raw = raw[: spec.limit]
-    if not raw:
-        raise DataError(f"prm: dataset {spec.name!r} has no row")
-    return raw, source
+    return load_stored_rows(spec, "prm")
 
 
 @register_method
