@@ -1,0 +1,10 @@
+"""Langevin-type samplers (torch only): SGLD, MALA, underdamped Langevin, stochastic proximal samplers (SPS-SGLD,
+SPS-MALA), test targets and sample-quality metrics. Diffusion inference (DDPM, DDIM, RTK) lives in
+:mod:`rlkit.samplers.diffusion` and :mod:`rlkit.samplers.rtk`.
+
+An energy ``U`` (``energy_fn(x) -> [n_chains]``) and/or its gradient (``grad_fn(x) -> [n_chains, d]``) in, a batch of
+chains ``[n_chains, d]`` out, as a :class:`SampleResult` with per-chain evaluation counts."""
+
+from rlkit.samplers.langevin import SampleResult, make_generator, mala, mala_log_accept, sgld, uld
+
+__all__ = ["SampleResult", "make_generator", "mala", "mala_log_accept", "sgld", "uld"]
