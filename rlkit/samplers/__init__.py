@@ -6,5 +6,11 @@ An energy ``U`` (``energy_fn(x) -> [n_chains]``) and/or its gradient (``grad_fn(
 chains ``[n_chains, d]`` out, as a :class:`SampleResult` with per-chain evaluation counts."""
 
 from rlkit.samplers.langevin import SampleResult, make_generator, mala, mala_log_accept, sgld, uld
+from rlkit.samplers.metrics import cov_error, mean_error, mmd_rbf, noise_floor, sliced_wasserstein, tv_histogram
+from rlkit.samplers.sps import FiniteSum, draw_batch, proximal_sampler, sgld_minibatch, sps
+from rlkit.samplers.targets import Gaussian, GaussianMixture, MixtureFiniteSum
 
-__all__ = ["SampleResult", "make_generator", "mala", "mala_log_accept", "sgld", "uld"]
+__all__ = ["SampleResult", "make_generator", "mala", "mala_log_accept", "sgld", "uld",
+           "cov_error", "mean_error", "mmd_rbf", "noise_floor", "sliced_wasserstein", "tv_histogram",
+           "FiniteSum", "draw_batch", "proximal_sampler", "sgld_minibatch", "sps",
+           "Gaussian", "GaussianMixture", "MixtureFiniteSum"]
