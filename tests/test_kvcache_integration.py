@@ -47,6 +47,8 @@ def test_recipe_section_defaults_stage_override_and_errors():
                               validate=False)
     a, b = resolve_runs(recipe)
     assert (a.kv_cache.kind, a.kv_cache.rbits) == ("polarquant", 3)
+    assert (b.kv_cache.think_heads, b.kv_cache.think_scored_keys, b.kv_cache.flush_order) == \
+        ("query", "all", "attend_first")                                            # the released behaviour
     assert (b.kv_cache.kind, b.kv_cache.rbits, b.kv_cache.tbits) == ("both", 3, 3)  # merged over the top level
     with pytest.raises(RecipeError, match=r"kv_cache: unknown key 'pruning'; did you mean 'pruning_ratio'"):
         recipe_from_dict({**base, "method": "grpo", "kv_cache": {"pruning": 0.5}}, validate=False)
@@ -92,10 +94,23 @@ def test_run_eval_cli_kv_options(tiny_model, tmp_path, cache_spy, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kv_cache"]["kind"] == "polarquant" and summary["kv_cache"]["lut"] is True
     assert cache_spy and cache_spy[0]["group_size"] == 16 and cache_spy[0]["lut"] is True
+    # the old ThinK / PolarQuant behaviours are options (issue 20: the released ones are the defaults)
+    cache_spy.clear()
+    assert main(["eval", "--model", str(ckpt), "--benchmark", "synthetic", "--limit", "2", "--max-new-tokens", "4",
+                 "--template", "plain", "--output-dir", str(tmp_path / "eval_kv"), "--kv-cache", "both",
+                 "--kv-option", "think_heads=kv", "--kv-option", "think_scored_keys=prefix",
+                 "--kv-option", "flush_order=quantize_first", "--kv-option", "recent=2"]) == 0
+    summary = json.loads((tmp_path / "eval_kv" / "summary.json").read_text())
+    assert (summary["kv_cache"]["think_heads"], summary["kv_cache"]["flush_order"]) == ("kv", "quantize_first")
+    assert cache_spy and all((k["think_heads"], k["think_scored_keys"], k["flush_order"])
+                             == ("kv", "prefix", "quantize_first") for k in cache_spy)
     capsys.readouterr()
     assert main(["eval", "--model", str(ckpt), "--benchmark", "synthetic", "--output-dir", str(out),
                  "--kv-cache", "think", "--kv-option", "lut=true"]) == 2
     assert "lut=True is the PolarQuant table-lookup decode" in capsys.readouterr().err
+    assert main(["eval", "--model", str(ckpt), "--benchmark", "synthetic", "--output-dir", str(out),
+                 "--kv-cache", "think", "--kv-option", "think_heads=group"]) == 2
+    assert "think_heads must be one of query, kv" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="must look like key=value"):
         main(["eval", "--model", str(ckpt), "--benchmark", "synthetic", "--kv-cache", "think", "--kv-option", "oops"])
 

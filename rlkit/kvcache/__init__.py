@@ -2,8 +2,8 @@
 
 Post-hoc (no training): the *key* half of a Llama/Qwen2-family model's KV cache shrinks during ``generate``;
 values stay whole. ``polarquant`` stores each RoPE pair of a key as a quantized radius and angle (:mod:`.polar`),
-``think`` prunes key channels per KV head after the prefill (:mod:`.think`), ``both`` does the two
-(:mod:`.cache`). Use::
+``think`` prunes key channels after the prefill, per query head as the released code or per KV head
+(:mod:`.think`), ``both`` does the two (:mod:`.cache`). Use::
 
     from rlkit.compat import cache_kwargs         # cache= from transformers 5.24 on, past_key_values= before
     from rlkit.kvcache import KVCacheConfig, make_cache, prepare_model
@@ -23,10 +23,13 @@ import contextlib
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
 
-__all__ = ["KVCacheConfig", "KINDS", "prepare_model", "restore_model", "make_cache", "wrap_generate",
+__all__ = ["KVCacheConfig", "KINDS", "THINK_HEADS", "THINK_SCORED_KEYS", "FLUSH_ORDERS", "prepare_model", "restore_model", "make_cache", "wrap_generate",
            "kv_compression", "key_cache_bytes", "key_cache_report", "attention_for"]
 
 KINDS = ("none", "polarquant", "think", "both")
+THINK_HEADS = ("query", "kv")
+THINK_SCORED_KEYS = ("all", "prefix")
+FLUSH_ORDERS = ("attend_first", "quantize_first")
 _STATE_ATTR = "_rlkit_kvcache_state"
 
 
@@ -41,9 +44,17 @@ class KVCacheConfig:
     - ``kind``: ``"none"`` | ``"polarquant"`` | ``"think"`` | ``"both"``.
     - PolarQuant: ``group_size`` tokens per quantization group (128), ``residual_length`` full-precision tokens
       before a flush (128, ``>= group_size``), ``rbits`` / ``tbits`` radius / angle bits (4 / 4, each 1..8),
-      ``lut`` table-lookup decode attention (``False``: dequantize; needs a PolarQuant kind).
+      ``lut`` table-lookup decode attention (``False``: dequantize; needs a PolarQuant kind),
+      ``flush_order``: when a decode step fills the residual, ``"attend_first"`` (default, the released code)
+      lets that step attend to the full-precision keys and quantizes them right after; ``"quantize_first"``
+      quantizes before the step attends (rlkit before issue 20).
     - ThinK: ``pruning_ratio`` fraction of key channels removed (0.4, ``[0, 1)``), ``obs_window`` prompt
-      queries scored (32), ``recent`` last prompt tokens kept whole (32).
+      queries scored (32), ``recent`` last prompt tokens kept whole (32), ``think_heads``: ``"query"``
+      (default, the released code: channels chosen per query head, the pruned keys stored once per query
+      head) or ``"kv"`` (one choice per KV head shared by its query heads: smaller on GQA models),
+      ``think_scored_keys``: ``"all"`` (default, the released eager code: every prompt key, the recent window
+      included, enters the channel scores) or ``"prefix"`` (only the keys that get pruned, as the released
+      KIVI variant).
     """
 
     kind: str = "none"
@@ -52,9 +63,12 @@ class KVCacheConfig:
     rbits: int = 4
     tbits: int = 4
     lut: bool = False
+    flush_order: str = "attend_first"
     pruning_ratio: float = 0.4
     obs_window: int = 32
     recent: int = 32
+    think_heads: str = "query"
+    think_scored_keys: str = "all"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -80,6 +94,10 @@ class KVCacheConfig:
             raise ValueError(f"kv cache obs_window must be a positive integer, got {self.obs_window!r}")
         if not _is_int(self.recent) or self.recent < 0:
             raise ValueError(f"kv cache recent must be an integer >= 0, got {self.recent!r}")
+        for name, allowed in (("flush_order", FLUSH_ORDERS), ("think_heads", THINK_HEADS),
+                              ("think_scored_keys", THINK_SCORED_KEYS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"kv cache {name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
     @property
     def polar(self) -> bool:
@@ -96,8 +114,9 @@ class KVCacheConfig:
         """Keyword arguments of :class:`rlkit.kvcache.cache.CompressedKeyLayer`."""
         return {"polar": self.polar, "think": self.think, "group_size": self.group_size,
                 "residual_length": self.residual_length, "rbits": self.rbits, "tbits": self.tbits,
-                "lut": self.lut, "pruning_ratio": float(self.pruning_ratio), "obs_window": self.obs_window,
-                "recent": self.recent}
+                "lut": self.lut, "flush_order": self.flush_order, "pruning_ratio": float(self.pruning_ratio),
+                "obs_window": self.obs_window, "recent": self.recent, "think_heads": self.think_heads,
+                "think_scored_keys": self.think_scored_keys}
 
 
 def attention_for(config: KVCacheConfig) -> str | None:

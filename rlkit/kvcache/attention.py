@@ -20,10 +20,14 @@ queries in the cache and the PolarQuant table-lookup decode needs the codes in t
   2. One-token step whose ``update`` returned only the full-precision residual (``layer.lut_step``):
      ``scores = layer.lut_scores(q) * scaling`` (table lookups on the codes, ``q[m] . k[m]`` on a pruned
      prefix, ``q . k`` on the residual), masked (boolean mask -> float32 min, float mask added), softmax and
-     ``x V`` by hand in float32 (SDPA cannot take precomputed scores), output cast to the query dtype.
+     ``x V`` by hand in float32 (SDPA cannot take precomputed scores), output cast to the query dtype. Then
+     ``layer.settle()`` runs the flush an ``attend_first`` step left pending (the step has read the
+     full-precision residual; the next one reads the new codes).
   3. Anything else (no compressed cache, decode through dequantized keys, multi-token chunks): HF's
      ``sdpa_attention_forward`` with the arguments unchanged, so an uncompressed layer is bit-identical to
-     ``attn_implementation="sdpa"``.
+     ``attn_implementation="sdpa"``. Keys with one head per query head (per-query-head ThinK on a GQA model:
+     more key heads than value heads) get their values repeated to match (HF's ``repeat_kv`` order) and run
+     as one group.
 
 Performance: the table-lookup path is a faithful PyTorch reference (``gather``-based, equal to the
 dequantized product up to float32 rounding, and it never materialises the dequantized keys), not a speed
@@ -77,7 +81,18 @@ def lut_attention(layer: CompressedKeyLayer, query: torch.Tensor, value: torch.T
     h = value.shape[1]
     out = probs.reshape(b, h, num_key_value_groups * length, t) @ value.float()
     out = out.reshape(b, hq, length, value.shape[-1]).transpose(1, 2).to(query.dtype).contiguous()
+    layer.settle()
     return out, None
+
+
+class _OneGroup:
+    """What ``sdpa_attention_forward`` reads of an attention module, for keys already per query head."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module: torch.nn.Module):
+        self.is_causal = getattr(module, "is_causal", True)
+        self.training = module.training
 
 
 def compressed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -96,6 +111,9 @@ def compressed_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
             if scaling is None:
                 scaling = query.shape[-1] ** -0.5
             return lut_attention(layer, query, value, attention_mask, scaling, groups)
+    if key.shape[1] != value.shape[1]:             # per-query-head ThinK keys: repeat the values to match
+        value = value.repeat_interleave(key.shape[1] // value.shape[1], dim=1)
+        module = _OneGroup(module)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
 

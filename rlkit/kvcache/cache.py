@@ -11,31 +11,42 @@ kept whole, in the model dtype (the main PolarQuant results; spec section 4). Th
 Storage of one layer (``[B, Hkv, tokens, channels]``, in token order):
 
 1. **pruned prefix** (ThinK only; set once, at the prefill): the first ``S - recent`` prompt tokens restricted
-   to the kept channels ``keep_index[B, Hkv, T_keep]`` (``uint8`` indices, ``int16`` when ``D > 256``).
-   ThinK alone stores them in the key dtype (``prefix_keys``). With PolarQuant too ("both"), their complete
+   to the kept channels ``keep_index[B, Hp, T_keep]`` (``uint8`` indices, ``int16`` when ``D > 256``), where
+   ``Hp`` is the number of query heads (``think_heads="query"``, the default: each query head keeps its own
+   channels of its KV head's keys, so the prefix is stored once per query head) or of KV heads
+   (``think_heads="kv"``). ThinK alone stores them in the key dtype (``prefix_keys``). With PolarQuant too ("both"), their complete
    ``group_size`` groups are polar-quantized over the kept RoPE pairs (``prefix_codes``) and only the
    incomplete tail (``< group_size`` tokens) stays in the key dtype; the prefix is quantized at the
    prefill whatever ``residual_length`` (that option is about the most recent, unpruned tokens).
-2. **main tokens** (all channels): with PolarQuant, complete groups as ``main_codes``, then the full-precision
-   residual ``keys``; without it, only ``keys``. The residual holds the last ``recent`` prompt tokens
-   (ThinK) or the prompt's incomplete group (PolarQuant), then the generated tokens.
+2. **main tokens** (all channels, ``[B, Hkv, ...]``): with PolarQuant, complete groups as ``main_codes``,
+   then the full-precision residual ``keys``; without it, only ``keys``. The residual holds the last
+   ``recent`` prompt tokens (ThinK) or the prompt's incomplete group (PolarQuant), then the generated tokens.
 
 Rules:
 
-- **Flush (PolarQuant).** Whenever the residual holds ``residual_length`` tokens or more (checked at the end of
-  every ``update``), all its complete groups are quantized and appended to ``main_codes``; what is left
+- **Flush (PolarQuant).** Whenever the residual holds ``residual_length`` tokens or more (checked in every
+  ``update``), all its complete groups are quantized and appended to ``main_codes``; what is left
   (``< group_size`` tokens) stays full precision. With ``residual_length == group_size`` (the default, 128)
   this is the official rule: at the prefill every complete group is quantized, and during decoding the
   residual is quantized the step it reaches 128 tokens. ``residual_length`` must be ``>= group_size``; an
   enormous value switches quantization off (all keys stay full precision).
+- **Flush order of a decode step** (``flush_order``). ``"attend_first"`` (default) is the released code: the
+  one-token step that fills the residual attends to the full-precision keys, and they are quantized right
+  after (within the same ``update`` for the dequantize path: the returned keys are built before the flush;
+  after the attention for the table-lookup path, or at the latest when the layer is next touched). Every
+  later step sees them quantized. ``"quantize_first"`` (rlkit before issue 20) quantizes them before the step
+  attends. The stored state after a step is the same in both orders.
 - **What ``update`` returns.** Every attention backend works on the returned keys:
   - a prefill or any multi-token chunk sees the cache as stored *plus its own tokens in full precision*
     (the official prefill runs flash attention on the full-precision K/V, then quantizes; ThinK's prefill
     attention also sees the unpruned keys);
-  - a one-token decode step sees the cache exactly as stored after this update (dequantized codes, zero-filled
-    pruned channels, full-precision residual). The token that completes a group is therefore seen
-    quantized by its own step, like by every later step, which keeps the dequantize path and the
-    table-lookup path identical.
+  - a one-token decode step sees the cache as stored (dequantized codes, zero-filled pruned channels,
+    full-precision residual), with the flush order above for the step that completes a group; the dequantize
+    path and the table-lookup path see the same keys in both orders.
+  - With per-query-head ThinK (``think_heads="query"`` on a GQA model) the returned keys have one head per
+    *query* head (``[B, H, T, D]``: the pruned prefix per query head, the other tokens repeated in HF's
+    ``repeat_kv`` order) while the values keep their KV heads; ``"think_sdpa"`` / ``"polar_lut"`` (the only
+    attention a ThinK layer runs with) repeat the values to match.
   - With the table-lookup decode attention active (``lut=True`` and the model switched to ``"polar_lut"`` by
     :func:`rlkit.kvcache.prepare_model`), a one-token step returns only the full-precision residual keys and
     sets ``lut_step``; the attention function reads the codes from the layer (no dequantization at all).
@@ -55,9 +66,11 @@ parameters, kept-channel indices, full-precision prefix/residual keys; values ar
 not counted). ``reference_bits=None`` counts every tensor at its real element size. ``reference_bits=16``
 counts the floating-point tensors (full-precision keys, PolarQuant scales and zero-points) at 16 bits per
 element and the integer ones (codes, indices) as stored: the sizes a bf16/fp16 model would hold, also when
-the model runs in fp32 on CPU. The report's reference is a plain 16-bit key cache of the same tokens, so at a
-1024-token prefill the PolarQuant 4+4 / group 128 ratio is ``(8 + 4 * 16 / 128) / 32 = 0.2656`` (4.25 bits
-per element).
+the model runs in fp32 on CPU. The report's reference is a plain 16-bit key cache of the same tokens (with the
+model's KV heads), so at a 1024-token prefill the PolarQuant 4+4 / group 128 ratio is
+``(8 + 4 * 16 / 128) / 32 = 0.2656`` (4.25 bits per element). Per-query-head ThinK counts its prefix once per
+query head, as it is stored: on a GQA model its ratio can exceed 1 (SmolLM2, 9 query / 3 KV heads, 4096
+tokens: 1.82 against 0.61 per KV head).
 """
 
 from __future__ import annotations
@@ -114,8 +127,14 @@ class CompressedKeyLayer(DynamicLayer):
 
     def __init__(self, polar: bool = True, think: bool = False, group_size: int = 128, residual_length: int = 128,
                  rbits: int = 4, tbits: int = 4, lut: bool = False, pruning_ratio: float = 0.4,
-                 obs_window: int = 32, recent: int = 32):
+                 obs_window: int = 32, recent: int = 32, flush_order: str = "attend_first",
+                 think_heads: str = "query", think_scored_keys: str = "all"):
         super().__init__()
+        for name, value, allowed in (("flush_order", flush_order, ("attend_first", "quantize_first")),
+                                     ("think_heads", think_heads, ("query", "kv")),
+                                     ("think_scored_keys", think_scored_keys, ("all", "prefix"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
         if polar:
             if group_size < 1 or residual_length < group_size:
                 raise ValueError(f"PolarQuant needs 1 <= group_size <= residual_length, got group_size="
@@ -128,6 +147,7 @@ class CompressedKeyLayer(DynamicLayer):
         self.polar, self.think, self.lut = bool(polar), bool(think), bool(lut and polar)
         self.group_size, self.residual_length, self.rbits, self.tbits = group_size, residual_length, rbits, tbits
         self.pruning_ratio, self.obs_window, self.recent = pruning_ratio, obs_window, recent
+        self.flush_order, self.think_heads, self.think_scored_keys = flush_order, think_heads, think_scored_keys
         self.is_croppable = not self.polar
         # Set by the attention pre-hook of rlkit.kvcache.prepare_model: the attention implementation that
         # will consume this layer's keys.
@@ -144,8 +164,10 @@ class CompressedKeyLayer(DynamicLayer):
         self.main_codes: PolarCodes | None = None
         self.prefix_codes: PolarCodes | None = None
         self.prefix_keys: torch.Tensor | None = None   # pruned prefix (or its tail) in the key dtype
-        self.keep_index: torch.Tensor | None = None    # [B, Hkv, T_keep] kept channels
+        self.keep_index: torch.Tensor | None = None    # [B, Hp, T_keep] kept channels (Hp: query or KV heads)
+        self.prefix_repeat = 1                         # Hp / Hkv: how often a KV head repeats to meet the prefix
         self.pending_prune = False
+        self.pending_flush = False                     # attend_first table-lookup step: flush after attention
         self.pruned = False
         self.lut_step = False
         self.is_initialized = False
@@ -168,6 +190,7 @@ class CompressedKeyLayer(DynamicLayer):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.settle()
         if self.pending_prune:
             raise RuntimeError("ThinK cache layer: the prefill was never pruned (its attention function did not "
                                "run); prepare the model with rlkit.kvcache.prepare_model")
@@ -185,16 +208,21 @@ class CompressedKeyLayer(DynamicLayer):
             self.pending_prune = True
             return key_states, self.values
         if n_new > 1:
-            out = key_states if first else torch.cat([self.full_keys(), key_states], dim=-2)
+            out = key_states if first else torch.cat([self._full_keys(), self._repeat(key_states)], dim=-2)
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self._flush()
             return out, self.values
         self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self._flush()
+        attend_first = self.flush_order == "attend_first"
+        if not attend_first:
+            self._flush()
         if self.lut and self.attn_impl == LUT_ATTENTION:
             self.lut_step = True
+            self.pending_flush = attend_first     # the attention reads the codes and the residual, then flushes
             return self.keys, self.values
-        return self.full_keys(), self.values
+        out = self._full_keys()                   # built before an attend_first flush: it keeps the fp keys
+        self._flush()
+        return out, self.values
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -209,6 +237,7 @@ class CompressedKeyLayer(DynamicLayer):
         """Apply ``fn`` (a batch-dim op or a device move) to every stored tensor."""
         if not self.is_initialized:
             return
+        self.settle()
         self.keys, self.values = fn(self.keys), fn(self.values)
         if self.main_codes is not None:
             self.main_codes = self.main_codes.map(fn)
@@ -242,6 +271,7 @@ class CompressedKeyLayer(DynamicLayer):
         n = min(-tokens_to_remove, self.cumulative_length)
         if n == 0 or not self.is_initialized:
             return
+        self.settle()
         self.cumulative_length -= n
         self.values = self.values[:, :, : self.values.shape[-2] - n].clone()
         self.main_codes, self.keys, n = _crop_segment(self.main_codes, self.keys, n)
@@ -267,6 +297,17 @@ class CompressedKeyLayer(DynamicLayer):
         n = 0 if self.prefix_keys is None else self.prefix_keys.shape[-2]
         return n + (0 if self.prefix_codes is None else self.prefix_codes.num_tokens)
 
+    def settle(self) -> None:
+        """Run a flush left pending by an ``attend_first`` table-lookup step (the attention calls it after
+        reading the keys; every other entry point calls it first)."""
+        if self.pending_flush:
+            self.pending_flush = False
+            self._flush()
+
+    def _repeat(self, keys: torch.Tensor) -> torch.Tensor:
+        """All-channel keys ``[B, Hkv, T, D]`` repeated to the prefix heads (per-query-head ThinK)."""
+        return keys if self.prefix_repeat == 1 else keys.repeat_interleave(self.prefix_repeat, dim=1)
+
     def _flush(self) -> None:
         if not self.polar or self.keys.shape[-2] < self.residual_length:
             return
@@ -277,7 +318,8 @@ class CompressedKeyLayer(DynamicLayer):
 
     def prune(self, query: torch.Tensor, attention_mask: torch.Tensor | None, num_key_value_groups: int) -> None:
         """ThinK at the prefill: score channels with the prefill ``query[B, Hq, S, D]`` (post-RoPE) and the
-        stored prompt keys, keep the top ones for all but the ``recent`` last tokens."""
+        stored prompt keys (all of them or the prefix: ``think_scored_keys``), per query head or per KV head
+        (``think_heads``), and keep the top ones for all but the ``recent`` last tokens."""
         if not self.pending_prune:
             return
         keys = self.keys
@@ -287,9 +329,12 @@ class CompressedKeyLayer(DynamicLayer):
         n_prefix = max(s - self.recent, 0)
         if n_prefix > 0:
             valid = valid_positions(attention_mask, b, s)
-            scores = think_channel_scores(query, keys, num_key_value_groups, n_prefix, self.obs_window, valid)
+            n_keys = s if self.think_scored_keys == "all" else n_prefix
+            scores = think_channel_scores(query, keys, num_key_value_groups, n_keys, self.obs_window, valid,
+                                          heads=self.think_heads)
             index = think_keep_channels(scores, self.pruning_ratio, pairs=self.polar)
-            compact = gather_channels(keys[:, :, :n_prefix], index)
+            self.prefix_repeat = num_key_value_groups if self.think_heads == "query" else 1
+            compact = gather_channels(self._repeat(keys[:, :, :n_prefix]), index)
             if self.polar:
                 nq = n_prefix // self.group_size * self.group_size
                 if nq:
@@ -305,7 +350,12 @@ class CompressedKeyLayer(DynamicLayer):
 
     def full_keys(self) -> torch.Tensor:
         """All cached keys ``[B, Hkv, T, D]`` in the key dtype: zero-filled pruned prefix, dequantized groups,
-        full-precision residual."""
+        full-precision residual (``[B, H, T, D]``, one head per query head, after a per-query-head ThinK prune
+        on a GQA model)."""
+        self.settle()
+        return self._full_keys()
+
+    def _full_keys(self) -> torch.Tensor:
         parts = []
         if self.keep_index is not None:
             prefix = []
@@ -315,9 +365,8 @@ class CompressedKeyLayer(DynamicLayer):
                 prefix.append(self.prefix_keys)
             if prefix:
                 parts.append(zero_fill(torch.cat(prefix, dim=-2), self.keep_index, self.head_dim))
-        if self.main_codes is not None:
-            parts.append(polar_dequantize(self.main_codes, self.dtype))
-        parts.append(self.keys)
+        main = [self.keys] if self.main_codes is None else [polar_dequantize(self.main_codes, self.dtype), self.keys]
+        parts.append(self._repeat(main[0] if len(main) == 1 else torch.cat(main, dim=-2)))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
     def lut_scores(self, query: torch.Tensor, num_key_value_groups: int) -> torch.Tensor:
@@ -326,14 +375,14 @@ class CompressedKeyLayer(DynamicLayer):
         b, hq, length, d = query.shape
         parts = []
         if self.keep_index is not None:
-            h = self.keep_index.shape[1]
-            m = num_key_value_groups * length
-            idx = self.keep_index.long().unsqueeze(2).expand(b, h, m, self.keep_index.shape[-1])
-            q_kept = query.reshape(b, h, m, d).gather(-1, idx).reshape(b, hq, length, idx.shape[-1])
+            hp = self.keep_index.shape[1]                      # prefix heads: query heads or KV heads
+            rows = hq // hp                                    # query heads per prefix head
+            idx = self.keep_index.long().unsqueeze(2).expand(b, hp, rows * length, self.keep_index.shape[-1])
+            q_kept = query.reshape(b, hp, rows * length, d).gather(-1, idx).reshape(b, hq, length, idx.shape[-1])
             if self.prefix_codes is not None:
-                parts.append(polar_lut_scores(q_kept, self.prefix_codes, num_key_value_groups))
+                parts.append(polar_lut_scores(q_kept, self.prefix_codes, rows))
             if self.prefix_keys is not None and self.prefix_keys.shape[-2]:
-                parts.append(_dot(q_kept, self.prefix_keys, num_key_value_groups))
+                parts.append(_dot(q_kept, self.prefix_keys, rows))
         if self.main_codes is not None:
             parts.append(polar_lut_scores(query, self.main_codes, num_key_value_groups))
         parts.append(_dot(query, self.keys, num_key_value_groups))
@@ -346,6 +395,7 @@ class CompressedKeyLayer(DynamicLayer):
         """Bytes held for keys (see the module docstring for ``reference_bits``)."""
         if not self.is_initialized:
             return 0
+        self.settle()
         n = _float_bytes(self.keys, reference_bits) + _float_bytes(self.prefix_keys, reference_bits)
         for codes in (self.main_codes, self.prefix_codes):
             if codes is not None:
@@ -355,7 +405,7 @@ class CompressedKeyLayer(DynamicLayer):
         return int(n)
 
     def reference_key_bytes(self, reference_bits: int = 16) -> int:
-        """Bytes a plain ``reference_bits`` key cache would hold for the same tokens."""
+        """Bytes a plain ``reference_bits`` key cache (the model's KV heads) would hold for the same tokens."""
         if not self.is_initialized:
             return 0
         b, h = self.values.shape[:2]
@@ -366,17 +416,18 @@ class PolarKeyLayer(CompressedKeyLayer):
     """PolarQuant keys (no ThinK): ``Cache(layers=[PolarKeyLayer() for _ in range(n)])``."""
 
     def __init__(self, group_size: int = 128, residual_length: int = 128, rbits: int = 4, tbits: int = 4,
-                 lut: bool = False):
+                 lut: bool = False, flush_order: str = "attend_first"):
         super().__init__(polar=True, think=False, group_size=group_size, residual_length=residual_length,
-                         rbits=rbits, tbits=tbits, lut=lut)
+                         rbits=rbits, tbits=tbits, lut=lut, flush_order=flush_order)
 
 
 class ThinKLayer(CompressedKeyLayer):
     """ThinK-pruned keys (no quantization); needs a model prepared by ``rlkit.kvcache.prepare_model``."""
 
-    def __init__(self, pruning_ratio: float = 0.4, obs_window: int = 32, recent: int = 32):
+    def __init__(self, pruning_ratio: float = 0.4, obs_window: int = 32, recent: int = 32,
+                 think_heads: str = "query", think_scored_keys: str = "all"):
         super().__init__(polar=False, think=True, pruning_ratio=pruning_ratio, obs_window=obs_window,
-                         recent=recent)
+                         recent=recent, think_heads=think_heads, think_scored_keys=think_scored_keys)
 
 
 class CompressedKVCache(Cache):
