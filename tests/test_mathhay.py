@@ -285,6 +285,14 @@ def test_extract_answer(text, prefer, value):
     assert got == (pytest.approx(value) if value is not None else None)
 
 
+def test_extract_answer_skips_numbers_of_the_question():
+    restated = " The 2024 corn yield of Northfield County was 7.12 tonnes per hectare."
+    assert ev.extract_answer(restated, prefer="first") == 2024
+    assert ev.extract_answer(restated, prefer="first", skip=[2024.0]) == 7.12
+    assert ev.extract_answer("2024 was", prefer="first", skip=[2024.0]) is None
+    assert ev.extract_answer('{"answer": 2024}', skip=[2024.0]) == 2024  # a JSON answer is taken as written
+
+
 def test_score_edge_cases():
     assert ev.score(14.3, 412.5 - 398.2)  # float noise of the program is within rel_tol 1e-9
     assert not ev.score(1.04, 1.0359)

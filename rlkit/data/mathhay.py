@@ -324,7 +324,7 @@ def _cap(s: str) -> str:
 
 
 def make_document(doc_id: str, topic: str, entity: str, metrics: Sequence[Metric], rng: random.Random,
-                  values: _Values) -> Document:
+                  values: _Values, years: Sequence[int] = YEARS) -> Document:
     """A document about ``entity``: a title, a filler sentence, then for each metric one sentence per year, then a
     closing filler sentence."""
     spec = TOPIC_SPECS[topic]
@@ -333,7 +333,7 @@ def make_document(doc_id: str, topic: str, entity: str, metrics: Sequence[Metric
     quantities, taken = [], set()
     for metric in metrics:
         sentences = []
-        for year in YEARS:
+        for year in years:
             value, text = values.draw(rng, metric, taken)
             q = Quantity(entity, metric.name, metric.unit, year, value, text)
             quantities.append(q)
@@ -430,14 +430,17 @@ def make_item(task_type: str, index: int, rng: random.Random, names: _Names, val
     op = OPS[op_name]
     n_docs = TASK_SHAPE[task_type][1]
     metric = rng.choice(spec.metrics)
+    common = rng.choice(YEARS)
+    # a lookup document states its three metrics for the asked year only (the needle has no same-metric distractor)
+    years = (common,) if task_type == "lookup" else YEARS
     docs = []
     for j in range(n_docs):
         others = rng.sample([m for m in spec.metrics if m is not metric], 2)
         metrics = [metric] + others
         rng.shuffle(metrics)
-        docs.append(make_document(f"{task_type}-{index:04d}-rel{j}", topic, names.take(topic), metrics, rng, values))
+        docs.append(make_document(f"{task_type}-{index:04d}-rel{j}", topic, names.take(topic), metrics, rng, values,
+                                  years))
     # years: distinct within a document; the first quantity of every document shares one year
-    common = rng.choice(YEARS)
     chosen: list[Quantity] = []
     used: dict[int, list[int]] = {}
     for d in where:

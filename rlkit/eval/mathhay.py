@@ -82,11 +82,13 @@ def _json_answer(text: str) -> tuple[bool, float | None]:
     return False, None
 
 
-def extract_answer(text: str | None, prefer: str = "last") -> float | None:
+def extract_answer(text: str | None, prefer: str = "last", skip: Sequence[float] = ()) -> float | None:
     """The number a completion gives, or None. In order: the ``answer`` field of a JSON object (a number, or the
     first number of a string value; a present field without a number gives None); else the first number after the
     last "answer is" / "answer:" / "answer =" marker; else the last number of the text (``prefer="first"``: the
-    first number, what a ``short`` prompt ending in "Answer:" is continued with).
+    first number, what a ``short`` prompt ending in "Answer:" is continued with). Outside a JSON field, numbers
+    equal to one of ``skip`` are passed over (the evaluation gives the numbers the question states, e.g. its
+    years, which a model restating the question writes before the answer).
 
     Parsed: signs, decimals, exponents (``3.55e11``), thousands separators (``"1,234,567.8"``), a leading ``$``;
     a ``%`` sign is dropped (``"12.5%"`` -> 12.5). Not parsed: scale words ("355 billion" -> 355.0, not 3.55e11)
@@ -99,12 +101,13 @@ def extract_answer(text: str | None, prefer: str = "last") -> float | None:
     has_field, value = _json_answer(text)
     if has_field:
         return value
+    skipped = {float(x) for x in skip}
     marks = list(_ANSWER_MARK.finditer(text))
     if marks:
-        nums = _numbers(text[marks[-1].end():])
+        nums = [x for x in _numbers(text[marks[-1].end():]) if x not in skipped]
         if nums:
             return nums[0]
-    nums = _numbers(text)
+    nums = [x for x in _numbers(text) if x not in skipped]
     if not nums:
         return None
     return nums[0] if prefer == "first" else nums[-1]
@@ -249,7 +252,7 @@ def evaluate_mathhay(model, tokenizer, rows: Sequence[dict], settings, style: st
     for r, out in zip(jobs, outs):
         st = style or r.get("style") or "released"
         text = out[0].text
-        pred = extract_answer(text, prefer="first" if st == "short" else "last")
+        pred = extract_answer(text, prefer="first" if st == "short" else "last", skip=_numbers(r["question"]))
         ok = score(pred, r["answer"], rel_tol, none_correct)
         records.append({"id": r["id"], "item_id": r.get("item_id", r["id"]), "task_type": r["task_type"],
                         "topic": r.get("topic", ""), "length": r["length"], "placement": r["placement"],
