@@ -172,7 +172,7 @@ def test_multi_document_placements(char_tok):
     assert a["noise_ids"] == b["noise_ids"]
 
 
-def test_placement_names_and_errors(char_tok):
+def test_placement_names_and_errors(char_tok, tmp_path):
     assert mh.placement_fractions("p3", 2) == [0.3, 0.3]
     assert mh.placement_fractions("first-middle-last", 3) == [0.0, 0.5, 1.0]
     assert mh.placements_for("ss2d", ["first", "first-middle", "first-middle-last"]) == ["first", "first-middle"]
@@ -184,6 +184,9 @@ def test_placement_names_and_errors(char_tok):
         assert "\n" not in str(e.value)
     with pytest.raises(mh.MathHayError, match="too short"):
         mh.build_haystack(["x" * 500], ["noise words"], char_tok, 200)
+    with pytest.raises(mh.MathHayError, match="over the shortest length 500; raise the lengths"):
+        mh.build_mathhay(tmp_path / "x", char_tok, [500, 3000], None, ["lookup"], 1, progress=False)
+    assert not (tmp_path / "x").exists()  # nothing written
     with pytest.raises(mh.MathHayError, match="none of the placements"):
         mh.build_mathhay("/nonexistent", char_tok, [2000], ["first-middle"], ["lookup"], 1, progress=False)
 

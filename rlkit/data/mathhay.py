@@ -873,6 +873,12 @@ def build_mathhay(out_dir: str | Path, tokenizer, lengths: Sequence[int], placem
     if pool.total_tokens < max(lengths):
         raise MathHayError(f"the noise files hold about {pool.total_tokens} tokens, fewer than the longest haystack "
                            f"({max(lengths)}); add text or lower the lengths")
+    for item in items:  # the prompt without context: the same at every length and placement
+        item["fixed"] = count_tokens(render_context("", item["question"], tokenizer, style), tokenizer)
+        need = item["fixed"] + sum(pool.count(d.text) + pool.sep_tokens for d in item["documents"])
+        if need > min(lengths):
+            raise MathHayError(f"{item['item_id']}: its prompt and relevant documents alone take {need} tokens "
+                               f"({style} style), over the shortest length {min(lengths)}; raise the lengths")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{DATASET}.jsonl"
@@ -885,8 +891,6 @@ def build_mathhay(out_dir: str | Path, tokenizer, lengths: Sequence[int], placem
         for item, length, p in tqdm(jobs, desc="mathhay build", disable=not progress, leave=False):
             docs = item["documents"]
             question = item["question"]
-            if "fixed" not in item:  # the prompt without context: the same at every length and placement
-                item["fixed"] = count_tokens(render_context("", question, tokenizer, style), tokenizer)
             hay = build_haystack([d.text for d in docs], pool, tokenizer, length, p,
                                  render=lambda c, q=question: render_context(c, q, tokenizer, style),
                                  seed=f"{seed}|{item['item_id']}", fixed_tokens=item["fixed"])
@@ -1051,6 +1055,9 @@ def load_mathhay(path: str | Path, documents: str | Path | None = None, tokenize
                                    f"{len(pool)}")
         plist = [DEFAULT_PLACEMENT[n_docs]] if placements is None else \
             [x for x in placements if len(x.split("-")) in (1, n_docs)]
+        if not plist:
+            raise MathHayError(f"{p}: none of the placements {list(placements)} fits item {item['item_id']} "
+                               f"({n_docs} documents)")
         for length in lengths:
             for pl in plist:
                 hay = build_haystack(item["relevant_docs"], pool, tokenizer, int(length), pl,
