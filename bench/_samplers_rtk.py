@@ -5,8 +5,9 @@ trained by denoising score matching on draws from the same mixture (``rlkit.samp
 
 Protocol. OU forward process, T = 4, every sampler stops at t_end = 1e-3 and starts from the same N(0, I) draws. The
 error is the total variation between 2-D histograms (24 x 24 bins) of the chains and of exact draws from p_{t_end};
-its sampling-noise floor (an exact set of the same size) is reported; sliced Wasserstein-2 (64 directions) is the
-second figure. At each NFE budget every method gets a small
+its sampling-noise floor (an exact set of the same size) is reported. Sliced Wasserstein-2 (64 directions) is
+plotted too, but at these sample sizes it sits at its own noise floor (the mode weights of a finite sample dominate
+it), so the RESULT figures use TV only. At each NFE budget every method gets a small
 grid, tuned on a separate seed and then run on the reported seeds (mean over seeds):
 
 - DDPM: scheme in {exponential integrator, ancestral} x time-grid exponent rho in {1, 2, 3};
@@ -14,13 +15,15 @@ grid, tuned on a separate seed and then run on the reported seeds (mean over see
 - RTK-MALA (score only: energy differences by the free trapezoid line integral of the score, ball projection of
   radius 5 sqrt(d sigma2), inner chain started at the previous point): segments K in {2, 4, 8} x inner step in
   {1/16, 1/8, 1/4} (units of sigma2) x segment grid rho in {1 (the paper's equal segments), 3};
-- RTK-ULD: the same grid (step in units of sqrt(sigma2)), friction 2.
+- RTK-ULD: the same grid (step in units of sqrt(sigma2)), friction 2;
+- RTK-MALA K=5 / RTK-ULD K=5: the paper's experimental layout (five equal segments), only the inner step tuned.
 
 RTK's inner steps S are the largest that fit the budget (``rtk_nfe``). ``rtk_nfe_ratio_<case>_<inner>`` = DDPM NFE /
 RTK NFE to reach the same error eps*, where eps* is the smallest error both methods reach on the budget grid (the larger
 of their best errors, plus 5%), and each method's NFE at eps* is read off its running-minimum error curve by linear
 interpolation in log NFE (inf: RTK reaches eps* and DDPM never does; nan: not computable).
-``rtk_nfe_ratio`` is the exact-score case with the better of the two RTK variants.
+``rtk_nfe_ratio`` is the exact-score case with the better of the two tuned RTK variants; the ``_k5`` keys are the
+paper-layout variants.
 
 Run by ``bench/samplers.py`` (``from _samplers_rtk import run_rtk``); standalone: ``python bench/_samplers_rtk.py
 --quick``."""
@@ -28,6 +31,7 @@ Run by ``bench/samplers.py`` (``from _samplers_rtk import run_rtk``); standalone
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,17 +49,18 @@ from rlkit.samplers.rtk import rtk, rtk_nfe  # noqa: E402
 from rlkit.samplers.score_net import train_score_net  # noqa: E402
 
 T, T_END, BINS = 4.0, 1e-3, 24
-METHODS = ("ddpm", "ddim", "rtk_mala", "rtk_uld")
-LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "rtk_mala": "RTK-MALA", "rtk_uld": "RTK-ULD"}
+METHODS = ("ddpm", "ddim", "rtk_mala", "rtk_uld", "rtk_mala_k5", "rtk_uld_k5")
+LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "rtk_mala": "RTK-MALA", "rtk_uld": "RTK-ULD",
+          "rtk_mala_k5": "RTK-MALA K=5", "rtk_uld_k5": "RTK-ULD K=5"}
 PRESETS = {
     "smoke": dict(budgets=[8, 16], n_tune=300, n_eval=500, n_ref=2000, segments=[4], steps=[0.125], rho=[1.0],
                   rtk_rho=[1.0], train=dict(steps=60, batch_size=128), n_train=2000),
-    "quick": dict(budgets=[8, 16, 32, 64], n_tune=500, n_eval=3000, n_ref=20000, segments=[2, 4, 8],
+    "quick": dict(budgets=[8, 16, 32, 64], n_tune=400, n_eval=2500, n_ref=20000, segments=[2, 4, 8],
                   steps=[0.0625, 0.125, 0.25], rho=[1.0, 2.0, 3.0], rtk_rho=[1.0, 3.0],
-                  train=dict(steps=4000, batch_size=512, time_limit_s=30.0), n_train=20000),
-    "full": dict(budgets=[8, 16, 32, 64, 128], n_tune=2000, n_eval=10000, n_ref=40000, segments=[2, 4, 8, 16],
-                 steps=[0.0625, 0.125, 0.25, 0.5], rho=[1.0, 2.0, 3.0], rtk_rho=[1.0, 2.0, 3.0],
-                 train=dict(steps=10000, batch_size=512, time_limit_s=120.0), n_train=40000),
+                  train=dict(steps=3000, batch_size=512, time_limit_s=90.0), n_train=20000),
+    "full": dict(budgets=[8, 16, 32, 64, 128], n_tune=1000, n_eval=8000, n_ref=40000, segments=[2, 4, 8, 16],
+                 steps=[0.0625, 0.125, 0.25], rho=[1.0, 2.0, 3.0], rtk_rho=[1.0, 3.0],
+                 train=dict(steps=10000, batch_size=512, time_limit_s=300.0), n_train=40000),
 }
 
 
@@ -71,12 +76,14 @@ def configs(method: str, budget: int, p: dict) -> list[dict]:
     if method == "ddim":
         return [dict(rho=r) for r in p["rho"]]
     inner = method.split("_")[1]
+    paper = method.endswith("_k5")
     out = []
-    for k in p["segments"]:
+    for k in ([5] if paper else p["segments"]):
         s = (budget // k - 1) if inner == "mala" else budget // k
         if s >= 1:
             assert rtk_nfe(k, inner, s) <= budget
-            out += [dict(n_segments=k, inner_steps=s, inner_step=h, rho=r) for h in p["steps"] for r in p["rtk_rho"]]
+            out += [dict(n_segments=k, inner_steps=s, inner_step=h, rho=r)
+                    for h in p["steps"] for r in ([1.0] if paper else p["rtk_rho"])]
     return out
 
 
@@ -124,13 +131,14 @@ def run_case(name: str, score_fn, mix: OUMixture, p: dict, seeds: list[int], log
             return 1.0
         return tv_histogram(x, ref, bins=BINS)
 
-    out = {"budgets": p["budgets"], "tv": {}, "sw": {}, "choice": {}, "accept": {}}
+    out = {"budgets": p["budgets"], "tv": {}, "tv_sd": {}, "sw": {}, "choice": {}, "accept": {}}
     for m in METHODS:
-        out["tv"][m], out["sw"][m], out["choice"][m], out["accept"][m] = [], [], [], []
+        for key in ("tv", "tv_sd", "sw", "choice", "accept"):
+            out[key][m] = []
         for b in p["budgets"]:
             grid = configs(m, b, p)
             if not grid:
-                for key in ("tv", "sw"):
+                for key in ("tv", "tv_sd", "sw"):
                     out[key][m].append(math.nan)
                 out["choice"][m].append(None)
                 out["accept"][m].append(None)
@@ -141,7 +149,7 @@ def run_case(name: str, score_fn, mix: OUMixture, p: dict, seeds: list[int], log
                 assert res.n_grad <= b, (m, cfg, res.n_grad, b)
                 scored.append((err(res.samples), cfg))
             best_cfg = min(scored, key=lambda s: s[0])[1]
-            tvs, sws, accs = [], [], []
+            tvs, sws, accs, proj = [], [], [], []
             for s in seeds:
                 x_T = torch.randn(p["n_eval"], 2, generator=torch.Generator().manual_seed(s))
                 res = run_method(m, best_cfg, score_fn, b, x_T, s)
@@ -149,19 +157,23 @@ def run_case(name: str, score_fn, mix: OUMixture, p: dict, seeds: list[int], log
                 sws.append(sliced_wasserstein(res.samples, ref, n_proj=64, generator=s)
                            if bool(torch.isfinite(res.samples).all()) else math.inf)
                 accs.append(res.accept_rate)
+                proj.append(res.extra.get("projected", 0.0))
             out["tv"][m].append(sum(tvs) / len(tvs))
+            out["tv_sd"][m].append(statistics.stdev(tvs) if len(tvs) > 1 else 0.0)
             out["sw"][m].append(sum(sws) / len(sws))
             out["choice"][m].append(best_cfg)
             out["accept"][m].append(None if accs[0] is None else sum(accs) / len(accs))
-            log(f"[rtk bench] {name:7s} {LABELS[m]:8s} NFE {b:4d}: TV {out['tv'][m][-1]:.4f}  SW2 "
-                f"{out['sw'][m][-1]:.4f}  {best_cfg}"
-                + ("" if accs[0] is None else f"  accept {out['accept'][m][-1]:.2f}"))
+            log(f"[rtk bench] {name:7s} {LABELS[m]:8s} NFE {b:4d}: TV {out['tv'][m][-1]:.4f} "
+                f"(sd {out['tv_sd'][m][-1]:.4f})  SW2 {out['sw'][m][-1]:.4f}  {best_cfg}"
+                + ("" if accs[0] is None else f"  accept {out['accept'][m][-1]:.2f}  projected {max(proj):.4f}"))
     exact = [mix.sample(p["n_eval"], T_END, generator=900 + s).float() for s in seeds]
     out["floor"] = sum(tv_histogram(x, ref, bins=BINS) for x in exact) / len(seeds)
     out["sw_floor"] = sum(sliced_wasserstein(x, ref, n_proj=64, generator=s) for x, s in zip(exact, seeds)) / len(seeds)
-    for inner in ("mala", "uld"):
-        ratio, level = nfe_ratio(p["budgets"], out["tv"]["ddpm"], out["tv"][f"rtk_{inner}"])
-        out[f"ratio_{inner}"], out[f"level_{inner}"] = ratio, level
+    for m in METHODS[2:]:
+        ok = [(b, e) for b, e in zip(p["budgets"], out["tv"][m]) if not math.isnan(e)]
+        d_ok = [e for b, e in zip(p["budgets"], out["tv"]["ddpm"]) if b in {x[0] for x in ok}]
+        ratio, level = nfe_ratio([b for b, _ in ok], d_ok, [e for _, e in ok]) if ok else (math.nan, math.nan)
+        out[f"ratio_{m}"], out[f"level_{m}"] = ratio, level
     return out
 
 
@@ -172,14 +184,16 @@ def plot(cases: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, len(cases), figsize=(5.2 * len(cases), 7.6), squeeze=False)
-    styles = {"ddpm": ("k", "o"), "ddim": ("0.5", "s"), "rtk_mala": ("tab:blue", "^"), "rtk_uld": ("tab:red", "v")}
+    styles = {"ddpm": ("k", "o", "-"), "ddim": ("0.5", "s", "-"), "rtk_mala": ("tab:blue", "^", "-"),
+              "rtk_uld": ("tab:red", "v", "-"), "rtk_mala_k5": ("tab:blue", "^", "--"),
+              "rtk_uld_k5": ("tab:red", "v", "--")}
     for j, (name, c) in enumerate(cases.items()):
         for i, (key, floor, ylabel) in enumerate((("tv", "floor", f"TV (2-D histogram, {BINS}x{BINS})"),
                                                   ("sw", "sw_floor", "sliced Wasserstein-2"))):
             ax = axes[i][j]
             for m in METHODS:
-                col, mk = styles[m]
-                ax.plot(c["budgets"], c[key][m], color=col, marker=mk, label=LABELS[m])
+                col, mk, ls = styles[m]
+                ax.plot(c["budgets"], c[key][m], color=col, marker=mk, ls=ls, label=LABELS[m])
             ax.axhline(c[floor], color="0.6", ls=":", label="noise floor")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -218,20 +232,17 @@ def run_rtk(quick: bool, smoke: bool, seeds: list[int], out: Path, log=print) ->
         torch.set_num_threads(threads)
     res: dict[str, float] = {}
     ex = cases["exact"]
-    best = [r for r in (ex["ratio_mala"], ex["ratio_uld"]) if not math.isnan(r)]
+    best = [r for r in (ex["ratio_rtk_mala"], ex["ratio_rtk_uld"]) if not math.isnan(r)]
     res["rtk_nfe_ratio"] = max(best) if best else math.nan
     for case, c in cases.items():
-        for inner in ("mala", "uld"):
-            res[f"rtk_nfe_ratio_{case}_{inner}"] = c[f"ratio_{inner}"]
-            res[f"rtk_err_level_{case}_{inner}"] = c[f"level_{inner}"]
+        for m in METHODS[2:]:
+            res[f"rtk_nfe_ratio_{case}_{m[4:]}"] = c[f"ratio_{m}"]
+            res[f"rtk_err_level_{case}_{m[4:]}"] = c[f"level_{m}"]
         b = 32 if 32 in c["budgets"] else c["budgets"][-1]
         i = c["budgets"].index(b)
-        for m in METHODS:
+        for m in METHODS[:4]:
             res[f"rtk_tv_{case}_{m}_nfe{b}"] = c["tv"][m][i]
         res[f"rtk_tv_{case}_floor"] = c["floor"]
-        for m in METHODS:
-            res[f"rtk_sw_{case}_{m}_nfe{b}"] = c["sw"][m][i]
-        res[f"rtk_sw_{case}_floor"] = c["sw_floor"]
     res["rtk_score_train_s"] = learned.train_seconds
     res["rtk_exact_s"] = t_exact
     res["rtk_learned_s"] = t_learned

@@ -144,6 +144,19 @@ def test_rtk_mala_score_only_equals_exact_energy_mala_on_gaussian():
     assert with_energy.n_energy == 3 * 9 and score_only.n_energy == 0
 
 
+def test_rtk_mala_quadrature_approaches_exact_energy_on_mixture():
+    """On a mixture (f not quadratic) the score-only chains follow the exact-energy chains (same random numbers) more
+    and more often as Lobatto nodes are added: only accept/reject decisions near the threshold can differ."""
+    mix = mixture()
+    x0 = torch.randn(500, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    exact = rtk(mix.score, x0, 2.0, 3, inner_steps=8, inner_step=1.0, energy_fn=mix.energy, generator=2).samples
+    differ = []
+    for q in (0, 1, 3):
+        est = rtk(mix.score, x0, 2.0, 3, inner_steps=8, inner_step=1.0, quad_points=q, generator=2).samples
+        differ.append(float((est != exact).any(1).double().mean()))
+    assert differ[0] > differ[1] > differ[2] and differ[2] < 0.1, differ
+
+
 def test_lobatto_energy_difference_converges_on_mixture():
     mix = mixture()
     gen = torch.Generator().manual_seed(0)
