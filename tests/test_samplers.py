@@ -36,7 +36,8 @@ class GaussianSum:
 
     def _w(self, x, idx):
         idx = idx[None].expand(x.shape[0], -1) if idx.dim() == 1 else idx
-        return torch.zeros(x.shape[0], self.n, dtype=x.dtype).scatter_add_(1, idx, torch.full(idx.shape, 1 / idx.shape[1], dtype=x.dtype))
+        w = torch.zeros(x.shape[0], self.n, dtype=x.dtype)
+        return w.scatter_add_(1, idx, torch.full(idx.shape, 1 / idx.shape[1], dtype=x.dtype))
 
     def energy_batch(self, x, idx):
         w = self._w(x, idx)
@@ -216,7 +217,8 @@ def test_full_batch_sps_sgld_is_the_proximal_loop_with_ula_inside():
         y = x + math.sqrt(eta) * torch.randn(x.shape, generator=gen, dtype=DT)
         z = x
         for _ in range(S):
-            z = z - tau * (g.grad(z) + (z - y) / eta) + math.sqrt(2 * tau) * torch.randn(z.shape, generator=gen, dtype=DT)
+            noise = torch.randn(z.shape, generator=gen, dtype=DT)
+            z = z - tau * (g.grad(z) + (z - y) / eta) + math.sqrt(2 * tau) * noise
         x = z
     assert torch.allclose(got, x, atol=1e-12)
 

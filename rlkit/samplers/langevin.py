@@ -62,7 +62,8 @@ class SampleResult:
     extra: dict = field(default_factory=dict)
 
 
-def make_generator(generator: torch.Generator | int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+def make_generator(generator: torch.Generator | int | None,
+                   device: torch.device | str = "cpu") -> torch.Generator | None:
     """A ``torch.Generator`` from a generator (returned as is), an int seed (a new generator on ``device``) or None."""
     if generator is None or isinstance(generator, torch.Generator):
         return generator
@@ -95,7 +96,8 @@ def _step_tensor(step: float | Tensor, x0: Tensor, name: str = "step") -> Tensor
             step = float(step)
         else:
             if step.shape != (x0.shape[0],):
-                raise ValueError(f"{name} as a tensor must have shape [n_chains]={x0.shape[0]}, got {tuple(step.shape)}")
+                raise ValueError(f"{name} as a tensor must have shape [n_chains]={x0.shape[0]}, "
+                                 f"got {tuple(step.shape)}")
             if not bool((step > 0).all()):
                 raise ValueError(f"{name} must be > 0")
             return step.to(x0).reshape(-1, 1)
