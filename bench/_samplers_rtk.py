@@ -30,6 +30,7 @@ Run by ``bench/samplers.py`` (``from _samplers_rtk import run_rtk``); standalone
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import sys
@@ -212,7 +213,8 @@ def plot(cases: dict, path: Path) -> None:
 
 
 def run_rtk(quick: bool, smoke: bool, seeds: list[int], out: Path, log=print) -> dict[str, float]:
-    """Run part (b) and return its RESULT figures; writes ``samplers_rtk.png`` into ``out``."""
+    """Run part (b) and return its RESULT figures; writes ``samplers_rtk.png`` and ``rtk_results.json`` (every curve,
+    the chosen configuration per budget, acceptance rates, floors and ratios) into ``out``."""
     p = PRESETS["smoke" if smoke else "quick" if quick else "full"]
     seeds = list(seeds) or [0]
     out = Path(out)
@@ -232,6 +234,7 @@ def run_rtk(quick: bool, smoke: bool, seeds: list[int], out: Path, log=print) ->
         cases["learned"] = run_case("learned", learned, mix, p, seeds, log)
         t_learned = time.perf_counter() - t1
         plot(cases, out / "samplers_rtk.png")
+        (out / "rtk_results.json").write_text(json.dumps(cases, indent=1))
     finally:
         torch.set_num_threads(threads)
     res: dict[str, float] = {}
