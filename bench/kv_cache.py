@@ -1,12 +1,16 @@
 """Key-cache compression on SmolLM2-135M-Instruct: PolarQuant and ThinK against the default cache.
 
 Every figure compares a compressed cache (``rlkit.kvcache``: ``polarquant`` 4+4 bits, group 128, the last
-< 128 tokens full precision; ``think`` with 40% of the key channels pruned per KV head, 32 recent tokens
-whole; ``both``) with the uncompressed ``DynamicCache`` on the same model, inputs and machine, in this run:
+< 128 tokens full precision, a decode step attends before its group is quantized; ``think`` with 40% of the
+key channels pruned per KV head (``think_heads="kv"``, the configuration that saves memory on this GQA
+model), 32 recent tokens whole, all prompt keys scored; ``think_query``: ThinK at rlkit's defaults, the
+released per-query-head rule, whose pruned prefix is stored once per query head; ``both``: ThinK per KV head
++ PolarQuant) with the uncompressed ``DynamicCache`` on the same model, inputs and machine, in this run:
 
 1. **Key bytes per token** after a prefill of real text (GSM8K test questions and answers concatenated) of
    1024 and 4096 tokens plus 32 greedy decode steps, normalised to a 16-bit cache (codes and indices as
-   stored, floats at 16 bits: the model runs in float32 on CPU). Targets: PolarQuant <= 0.3x, ThinK <= 0.65x.
+   stored, floats at 16 bits: the model runs in float32 on CPU). Targets: PolarQuant <= 0.3x, ThinK <= 0.65x
+   (per KV head; per query head it is about 1.8x on SmolLM2's 9 query / 3 KV heads).
 2. **Decode speed**: tokens/s of 32 greedy single-token steps after that prefill (batch 1), as a ratio to
    the default cache; the kinds alternate over ``--speed-repeats`` rounds and the median round counts.
 3. **GSM8K**: greedy pass@1 on the first ``--gsm8k`` test problems (chat template, ``max_new_tokens``
@@ -20,11 +24,13 @@ whole; ``both``) with the uncompressed ``DynamicCache`` on the same model, input
    fed token by token after the chat prompt through each cache (every prediction reads the compressed
    cache, as in decoding); ``tf_nll_delta_*`` = mean NLL with the compressed cache - with the default one,
    ``tf_top1_agree_*`` = share of positions whose top-1 token equals the default cache's. SmolLM2-135M
-   solves almost no GSM8K problem greedily, so this is the sensitive quality measure here.
+   solves almost no GSM8K problem greedily, so this is the sensitive quality measure here. (``--smoke`` feeds
+   only the first 24 tokens of each solution.)
 5. **Long-context retrieval**: a sentence "The pass code of <name> is <5 digits>." placed at depths 0.1 ...
    0.9 of a 2048-token context of real text (GSM8K), then asked for at the end (chat template; the answer
    starts "The pass code of <name> is" and the model continues, greedy, 8 tokens); a trial counts when the
-   code appears. Accuracy over 4 names x 5 depths per cache.
+   code appears. Accuracy over 4 names x 5 depths per cache (not ``think_query``: the long-context accuracy
+   of both ThinK modes is ``bench/mathhay.py``'s).
 
 Each GSM8K cache runs in its own subprocess (``--jobs`` at a time, one torch thread each unless
 ``--threads``), and its result is kept in ``<out>/gsm8k_<kind>.json``, so a re-run resumes.
@@ -34,7 +40,8 @@ Each GSM8K cache runs in its own subprocess (``--jobs`` at a time, one torch thr
     python bench/kv_cache.py --smoke         # seconds-scale (tests)
     python bench/kv_cache.py --gsm8k 100 --jobs 2 --out runs/bench_kv
 
-Ends with ``RESULT polar_bytes_ratio=... think_bytes_ratio=... gsm8k_delta_polar=... gsm8k_delta_think=...``.
+Ends with ``RESULT polar_bytes_ratio=... think_bytes_ratio=... gsm8k_delta_polar=... gsm8k_delta_think=...``
+(and ``think_query_bytes_ratio``, ``tf_nll_delta_think_query``... for the default ThinK).
 """
 
 from __future__ import annotations
@@ -54,8 +61,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import ROOT, add_jobs_threads, add_out, bench_parser, data_dir, preset_of, print_result  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
-KINDS = ("polarquant", "think", "both")
-SHORT = {"polarquant": "polar", "think": "think", "both": "both", "none": "none"}
+KINDS = ("polarquant", "think", "think_query", "both")
+SHORT = {"polarquant": "polar", "think": "think", "think_query": "think_query", "both": "both", "none": "none"}
+# the cache configuration of each kind (KVCacheConfig keyword arguments; rlkit's defaults otherwise)
+CONFIGS = {"polarquant": {"kind": "polarquant"}, "think": {"kind": "think", "think_heads": "kv"},
+           "think_query": {"kind": "think"}, "both": {"kind": "both", "think_heads": "kv"}}
+RETRIEVAL_KINDS = ("polarquant", "think", "both")  # long-context accuracy of both ThinK modes: bench/mathhay.py
 PRESETS = {  # GSM8K problems, contexts for bytes/speed, decode steps, speed rounds, haystack tokens, depths, names
     "smoke": (4, (256,), 4, 1, 300, (0.5,), 1),
     "quick": (24, (1024,), 16, 2, 1024, (0.1, 0.5, 0.9), 2),
@@ -91,7 +102,7 @@ def real_text_ids(tok, n_tokens: int) -> list[int]:
 def config(kind: str):
     from rlkit.kvcache import KVCacheConfig
 
-    return KVCacheConfig(kind=kind)
+    return KVCacheConfig(**CONFIGS.get(kind, {"kind": kind}))
 
 
 def fresh_cache(model, kind: str):
@@ -170,7 +181,7 @@ def retrieval(model, tok, haystack: int, depths, n_names: int) -> dict:
                                              add_generation_prompt=True) + f"The pass code of {name} is"
             trials.append((name, depth, code, prompt))
     out: dict = {}
-    for kind in ("none",) + KINDS:
+    for kind in ("none",) + RETRIEVAL_KINDS:
         hits = {d: 0 for d in depths}
         answers = []
         for name, depth, code, prompt in trials:
@@ -192,13 +203,14 @@ def retrieval(model, tok, haystack: int, depths, n_names: int) -> dict:
     return out
 
 
-def teacher_forced(model, tok, n: int, batch_size: int = 16) -> dict:
+def teacher_forced(model, tok, n: int, batch_size: int = 16, max_tokens: int | None = None) -> dict:
     """Per cache kind: mean NLL of GSM8K reference solutions (calculator annotations removed) decoded token by
     token after the chat prompt, and top-1 agreement with the default cache at every solution position.
 
     The prompt is prefilled through the cache, then every solution token is fed as a one-token step, so each
     prediction reads the compressed cache as decoding would. Batches are left-padded prompts; solutions of
-    different lengths are right-padded with masked steps."""
+    different lengths are right-padded with masked steps. ``max_tokens``: feed only the first tokens of each
+    solution (its EOS included only when it fits)."""
     import re
 
     import torch
@@ -217,7 +229,8 @@ def teacher_forced(model, tok, n: int, batch_size: int = 16) -> dict:
     batches = []
     for b in range(0, len(rows), batch_size):
         enc = tok(prompts[b:b + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        ans = [tok(x, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for x in sols[b:b + batch_size]]
+        ans = [(tok(x, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[:max_tokens]
+               for x in sols[b:b + batch_size]]
         batches.append((enc, ans))
     tok.padding_side = side
     out: dict = {}
@@ -323,7 +336,7 @@ def main(argv=None) -> int:
     n_tf = {"smoke": 4, "quick": 16, "full": 64}[preset] if a.teacher_forced is None else a.teacher_forced
     n_gsm = a.gsm8k if a.gsm8k is not None else n_gsm
     rounds = a.speed_repeats or rounds
-    max_new = a.max_new_tokens or (32 if preset == "smoke" else 256)
+    max_new = a.max_new_tokens or (16 if preset == "smoke" else 256)
     out = Path(a.out or ROOT / "runs" / f"bench_kv_{preset}")
     out.mkdir(parents=True, exist_ok=True)
     if a.gsm8k_worker:
@@ -350,7 +363,7 @@ def main(argv=None) -> int:
         for k, r in ret.items():
             print(f"retrieval ({r['context_tokens']} tokens): {k:>10}: {r['accuracy']:.2f} by depth "
                   + ", ".join(f"{d}: {v:.2f}" for d, v in r["by_depth"].items()), flush=True)
-        tf = teacher_forced(model, tok, n_tf)
+        tf = teacher_forced(model, tok, n_tf, max_tokens=24 if preset == "smoke" else None)
         for k, r in tf.items():
             print(f"GSM8K reference solutions, teacher-forced ({n_tf} problems, {r['tokens']} tokens): {k:>10}: "
                   f"NLL {r['nll']:.4f}, top-1 agreement with the default cache {r['top1_agree']:.3f}", flush=True)
