@@ -25,6 +25,7 @@ Part (b) is H2's ``bench/_samplers_rtk.py`` (``run_rtk``); its keys are added to
     python bench/samplers.py            # d = 2, 10, 50, 1000 chains, 6 configurations per method, seeds 0 1
     python bench/samplers.py --quick    # 600 chains, 3 configurations per method, 1 seed (< 3 min with part b)
     python bench/samplers.py --smoke    # seconds (tests)
+    python bench/samplers.py --quick --skip-rtk --noise 8   # part (a) with strong minibatch-gradient noise
 
 Ends with ``RESULT sps_grad_ratio_d2=... sps_grad_ratio_d10=... sps_grad_ratio_d50=... sps_sgld_grad_ratio_d<d>=...
 sps_mala_grad_ratio_d<d>=... eps_d<d>=... err_sgld_d<d>=... err_sps_sgld_d<d>=... err_sps_mala_d<d>=... [part b keys]
