@@ -63,10 +63,11 @@ class KVCacheConfig:
     rbits: int = 4
     tbits: int = 4
     lut: bool = False
-    flush_order: str = "attend_first"
     pruning_ratio: float = 0.4
     obs_window: int = 32
     recent: int = 32
+    # issue 20 (appended, so positional use of the older fields is unchanged)
+    flush_order: str = "attend_first"
     think_heads: str = "query"
     think_scored_keys: str = "all"
 
