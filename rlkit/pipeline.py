@@ -88,18 +88,26 @@ def _resume_arg(resume: Any, output_dir: str):
         return last
     if not Path(str(resume)).is_dir():
         raise RecipeError(f"resume_from_checkpoint: {resume!r} is not a checkpoint folder")
-    if not (Path(str(resume)) / "trainer_state.json").is_file():
-        raise RecipeError(f"resume_from_checkpoint: {resume!r} has no trainer_state.json (an incomplete or "
+    if not _state_readable(Path(str(resume)) / "trainer_state.json"):
+        raise RecipeError(f"resume_from_checkpoint: {resume!r} has no readable trainer_state.json (an incomplete or "
                           "non-Trainer checkpoint); pass a complete checkpoint-N folder")
     _log(f"resuming from {resume}")
     return str(resume)
 
 
+def _state_readable(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def last_complete_checkpoint(output_dir: str) -> str | None:
     """The ``checkpoint-N`` folder with the highest N whose save finished, or None.
 
-    Trainer writes ``trainer_state.json`` last, so a folder without it is a save that was cut off (the run
-    was killed while saving); it is skipped rather than resumed from (``get_last_checkpoint`` would pick it).
+    Trainer writes ``trainer_state.json`` last, so a folder without it, or with one that does not parse (the
+    kill landed while that file was being written), is a save that was cut off; it is skipped rather than resumed
+    from (``get_last_checkpoint`` would pick it).
     """
     out = Path(output_dir)
     if not out.is_dir():
@@ -110,9 +118,9 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
         if m and d.is_dir():
             found.append((int(m.group(1)), d))
     for step, d in sorted(found, reverse=True):
-        if (d / "trainer_state.json").is_file():
+        if _state_readable(d / "trainer_state.json"):
             return str(d)
-        _log(f"skipping incomplete checkpoint {d} (no trainer_state.json)")
+        _log(f"skipping incomplete checkpoint {d} (trainer_state.json missing or cut off)")
     return None
 
 

@@ -29,6 +29,8 @@ def test_resume_skips_checkpoint_cut_off_while_saving(tmp_path):
     assert _resume_arg(True, str(tmp_path)) is None  # nothing saved yet: start fresh
     _fake_checkpoint(tmp_path, 2)
     good = _fake_checkpoint(tmp_path, 10)
+    cut = _fake_checkpoint(tmp_path, 11)
+    (cut / "trainer_state.json").write_text("")  # killed while trainer_state.json itself was being written
     _fake_checkpoint(tmp_path, 12, complete=False)  # killed during the save of step 12
     (tmp_path / "checkpoint-99.tmp").mkdir()
     assert last_complete_checkpoint(str(tmp_path)) == str(good)
