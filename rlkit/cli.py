@@ -57,6 +57,52 @@ def kv_cache_config(kind: str, options: list[str]):
     return build(KVCacheConfig, _key_values({"kind": kind}, options, "--kv-option", "pruning_ratio=0.5"), "--kv-cache")
 
 
+def _top_level_split(text: str, sep: str = ",") -> list[str]:
+    """``text`` split at ``sep`` outside brackets and braces (``a=[[0, 1, 0.5]],b=2`` -> two items)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
+def patch_specs(items: list[str] | None) -> list[dict] | None:
+    """Model patches from repeated ``--patch`` items: ``NAME``, ``NAME:key=value,key=value`` (values parsed as YAML)
+    or a YAML/JSON file holding one spec or a list of specs (``{name: pear, coefficients: [[l, h, a], ...]}``);
+    validated by :func:`rlkit.patches.check_patches` before any model loads."""
+    from .config import ConfigError
+    from .patches import check_patches
+
+    if not items:
+        return None
+    specs: list = []
+    for item in items:
+        path = Path(item)
+        if item.endswith((".yaml", ".yml", ".json")):
+            if not path.is_file():
+                raise ConfigError(f"--patch {item}: no such file (give NAME, NAME:key=value,... or a YAML/JSON file)")
+            loaded = yaml.safe_load(path.read_text())
+            specs.extend(loaded if isinstance(loaded, list) else [loaded])
+            continue
+        name, _, rest = item.partition(":")
+        spec: dict = {"name": name.strip()}
+        for kv in filter(None, (x.strip() for x in _top_level_split(rest))):
+            key, sep, value = kv.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"--patch {item!r}: options must look like NAME:key=value,key=value, "
+                                  "e.g. hope:train_length=4096")
+            try:
+                spec[key.strip()] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"--patch {item!r}: {key.strip()}={value} is not a YAML value") from None
+        specs.append(spec)
+    checked = check_patches(specs, "--patch")
+    return [{"name": spec["name"], **options} for spec, options in zip(specs, checked)]
+
+
 def vllm_settings(dtype: str, options: list[str]):
     """``VLLMSettings`` from ``--dtype`` and ``--vllm-option key=value`` items (values parsed as YAML)."""
     from .config import build
@@ -112,6 +158,10 @@ def cmd_eval(args) -> int:
         raise ConfigError("--shots, --items and --max-context apply to --manyshot")
     if args.calibration is not None and not args.benchmark:
         raise ConfigError("--calibration applies to --benchmark evaluation")
+    if args.patch and not args.benchmark:
+        raise ConfigError("--patch applies to --benchmark evaluation")
+    if (args.judge is not None or args.prompt_style is not None) and not (args.benchmark or "").startswith("mathhay:"):
+        raise ConfigError("--judge and --prompt-style apply to --benchmark mathhay:PATH")
     if args.manyshot:
         return _eval_manyshot(args)
     if args.games:
@@ -120,8 +170,8 @@ def cmd_eval(args) -> int:
         raise SystemExit("rlkit eval: give --benchmark (math), --games (TextArena games) or --manyshot (many-shot ICL)")
     from .eval.run import run_eval
 
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 512
+    if args.max_new_tokens is None and not args.benchmark.startswith("mathhay:"):
+        args.max_new_tokens = 512  # mathhay picks its own: 32 for short prompts, 512 for the released JSON answer
 
     kv = kv_cache_config(args.kv_cache, args.kv_option)
     vllm = vllm_settings(args.dtype, args.vllm_option) if args.backend == "vllm" else None
@@ -134,7 +184,8 @@ def cmd_eval(args) -> int:
                        rsd=rsd_settings(args), select=args.select,
                        synthetic=_key_values({}, args.synthetic, "--synthetic", "max_operand=12"),
                        idk_phrases=args.idk_phrases, idk_lambda=args.idk_lambda, calibration=args.calibration,
-                       ece_bins=args.ece_bins)
+                       ece_bins=args.ece_bins, patches=patch_specs(args.patch), prompt_style=args.prompt_style,
+                       judge=args.judge)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -312,6 +363,31 @@ def cmd_distill_prepare(args) -> int:
     return 0
 
 
+def cmd_mathhay_build(args) -> int:
+    """``rlkit mathhay build``: MathHay-style long-context items in --tokenizer's tokens
+    (:func:`rlkit.data.mathhay.build_mathhay`; the stage form is ``method: mathhay_build``)."""
+    from .config import from_arguments
+    from .data.mathhay import MathHayError, build_mathhay
+    from .methods.mathhay_build import MathHayBuildConfig
+    from .models import load_tokenizer
+    from .recipe import ModelSpec
+
+    config = from_arguments(MathHayBuildConfig, args, "rlkit mathhay build")
+    tokenizer = load_tokenizer(ModelSpec(name=args.tokenizer))
+    try:
+        meta = build_mathhay(args.out, tokenizer, config.lengths, config.placements, config.task_types,
+                             config.n_items, args.seed, config.noise_files or None, progress=not args.quiet,
+                             style=config.style)
+    except MathHayError as e:
+        print(f"rlkit: error: rlkit mathhay build: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: meta[k] for k in ("path", "rows", "items", "lengths", "placements", "style",
+                                           "build_seconds") if k in meta}, indent=2))
+    print(f"rlkit: evaluate with: rlkit eval --model {args.tokenizer} --benchmark mathhay:{args.out}",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_env(args) -> int:
     from .env import main as env_main
 
@@ -356,7 +432,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                                     "in-context tasks (--manyshot)")
     e.add_argument("--model", default=None,
                    help="hub id, local path, or built-in name (--decoder rsd: the default --target)")
-    e.add_argument("--benchmark", default=None, help="gsm8k | math500 | aime24 | amc23 | synthetic | jsonl:PATH")
+    e.add_argument("--benchmark", default=None,
+                   help="gsm8k | math500 | aime24 | amc23 | synthetic | jsonl:PATH | mathhay:PATH (long-context items "
+                        "from `rlkit mathhay build` or the released MathHay JSON)")
+    e.add_argument("--patch", action="append", default=[], metavar="SPEC",
+                   help="a model patch applied after loading (repeatable, HF backend): NAME, NAME:key=value,... or a "
+                        "YAML/JSON file with a spec or a list, e.g. {name: pear, coefficients: [[9, 3, 0.5]]}")
+    e.add_argument("--prompt-style", choices=["short", "released"], default=None,
+                   help="mathhay: the short prompt ending in 'Answer:' (small models) or the released instruction "
+                        "asking for JSON {reasoning, answer}; default: the style each item was built with")
+    e.add_argument("--judge", default=None, metavar="MODEL",
+                   help="mathhay: a judge model that also accepts an answer with other units or scale "
+                        "(355 billion vs 355e9), shown the gold solution and the model's answer")
     e.add_argument("--games", default=None, metavar="G1,G2",
                    help="evaluate on TextArena games instead (ids such as TicTacToe-v0,Nim-v0): win, draw, loss and "
                         "invalid-move rates per game; every episode goes to episodes.jsonl")
@@ -572,6 +659,25 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
         add_arguments(dp, DistillPrepareConfig, exclude=("tau",), rename={"use_other": "other"})
     dp.set_defaults(func=cmd_distill_prepare)
+
+    mh = sub.add_parser("mathhay", help="MathHay: long-context math items (numbers spread over a haystack)")
+    mhsub = mh.add_subparsers(dest="mathhay_command", required=True)
+    mb = mhsub.add_parser("build", help="build MathHay-style items at given haystack lengths and placements",
+                          description="Generate MathHay-style items (template documents, a question, a solution "
+                                      "program and its exact answer), pad each with noise documents to every "
+                                      "--lengths in --tokenizer's tokens, and write items.jsonl and meta.json to "
+                                      "--out; evaluate with `rlkit eval --benchmark mathhay:OUT` (the stage form: "
+                                      "`method: mathhay_build`).")
+    mb.add_argument("--tokenizer", required=True,
+                    help="the model whose tokens the lengths count: hub id, local path or built-in name")
+    mb.add_argument("--out", required=True, help="output folder (items.jsonl, meta.json)")
+    mb.add_argument("--seed", type=int, default=0, help="seeds the items and the noise order")
+    mb.add_argument("--quiet", action="store_true", help="no progress bar")
+    if full("mathhay"):
+        from .methods.mathhay_build import MathHayBuildConfig
+
+        add_arguments(mb, MathHayBuildConfig)
+    mb.set_defaults(func=cmd_mathhay_build)
     return p
 
 

@@ -498,3 +498,59 @@ def test_stage_config_checks():
                         ({"noise_files": ["/no/such/file.txt"]}, "does not exist")):
         with pytest.raises(ConfigError, match=re.escape(needle)):
             build(MathHayBuildConfig, bad, "args")
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def test_patch_specs_parse_and_reject(tmp_path):
+    from rlkit.cli import patch_specs
+    from rlkit.config import ConfigError
+
+    assert patch_specs([]) is None
+    assert patch_specs(["pear:coefficients=[[0, 1, 0.5]]"]) == [{"name": "pear", "coefficients": [[0, 1, 0.5]]}]
+    spec = tmp_path / "p.yaml"
+    spec.write_text("- {name: pear, coefficients: [[1, 0, 0.25]]}\n")
+    assert patch_specs([str(spec)]) == [{"name": "pear", "coefficients": [[1, 0, 0.25]]}]
+    with pytest.raises(ConfigError, match="no such file"):
+        patch_specs([str(tmp_path / "missing.yaml")])
+    with pytest.raises(ConfigError, match="NAME:key=value"):
+        patch_specs(["pear:coefficients"])
+    with pytest.raises(ConfigError, match="unknown key 'foo'"):
+        patch_specs(["pear:foo=1"])
+
+
+def test_cli_build_then_eval_with_a_patch(char_tok, tmp_path, capsys):
+    """``rlkit mathhay build`` then ``rlkit eval --benchmark mathhay:DIR --patch pear:...`` on a saved tiny model:
+    the short style picks the newline stop and 32 new tokens, the patch reaches the model (the report records it),
+    and the summary, completions and plot are written; the mathhay-only flags are refused elsewhere."""
+    from rlkit.cli import main
+    from rlkit.models import build_tiny_model
+    from rlkit.recipe import TinyModelSpec
+
+    from conftest import TINY_SHAPE
+
+    model_dir = tmp_path / "tiny"
+    build_tiny_model(TinyModelSpec(**dict(TINY_SHAPE, max_position_embeddings=1024)), char_tok).save_pretrained(model_dir)
+    char_tok.save_pretrained(model_dir)
+    items = tmp_path / "items"
+    assert main(["mathhay", "build", "--tokenizer", str(model_dir), "--out", str(items), "--lengths", "800",
+                 "--n-items", "2", "--task-types", "lookup", "--style", "short", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 2
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(model_dir), "--benchmark", f"mathhay:{items}", "--output-dir", str(out),
+                 "--patch", "pear:coefficients=[[1, 0, 0.5]]", "--batch-size", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 2 and summary["patches"] == [{"name": "pear", "coefficients": [[1, 0, 0.5]]}]
+    assert set(summary["by_length"]) == {"800"}
+    completions = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
+    assert len(completions) == 2 and all("\n" not in c["completion"] for c in completions)
+    assert (out / "mathhay.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["eval", "--model", str(model_dir), "--benchmark", "gsm8k", "--judge", "x"]) == 2
+    assert "apply to --benchmark mathhay" in capsys.readouterr().err
+    assert main(["eval", "--model", str(model_dir), "--games", "Nim-v0", "--patch", "pear"]) == 2
+    assert "--patch applies to --benchmark" in capsys.readouterr().err
+    assert main(["eval", "--model", str(model_dir), "--benchmark", f"mathhay:{items}", "--samples", "4"]) == 2
+    assert "greedy answers only" in capsys.readouterr().err
+    assert main(["eval", "--model", str(model_dir), "--benchmark", f"mathhay:{tmp_path / 'none'}"]) == 2

@@ -115,6 +115,9 @@ MINIMAL["dricl"] = _base("dricl", model={"name": "tiny", "tiny": {**TINY, "max_p
                                                                 / "dricl" / "sample_episodes.jsonl")}},
                          trainer={**_TRAINER, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
                                   "max_length": 256})
+MINIMAL["mathhay_build"] = _base("mathhay_build", args={"lengths": [3000], "n_items": 2,
+                                                        "task_types": ["lookup", "ss2d"], "style": "short"})
+
 
 def _prepare(name: str, raw: dict, tmp_path: Path) -> dict:
     """Inputs a minimal recipe needs on disk (fuse: two saved tiny models)."""

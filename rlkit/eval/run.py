@@ -192,7 +192,8 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
              value_model: str | None = None, search=None, draft: str | None = None, target: str | None = None,
              scorer: str | None = None, rsd=None, select: str | None = None, synthetic: dict | None = None,
              idk_phrases: str | list[str] | None = None, idk_lambda: float = 0.2, calibration: str | None = None,
-             ece_bins: int = 10) -> dict:
+             ece_bins: int = 10, patches: list[dict] | None = None, prompt_style: str | None = None,
+             judge: str | None = None) -> dict:
     """Evaluate ``model`` on ``benchmark``; ``kv_cache`` is an ``rlkit.kvcache.KVCacheConfig`` (HF backend),
     ``vllm`` an ``rlkit.rollout.VLLMSettings`` (vLLM backend; its dtype defaults to ``dtype``), ``path`` a local
     jsonl for a known benchmark.
@@ -222,8 +223,22 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
     ``calibration`` (``answer`` or ``sequence``; greedy decoder, HF backend): every greedy record gets the model's
     ``confidence`` in its final answer (``answer``: the probability of the answer's tokens; ``sequence``: of the
     whole completion), the summary ``ece`` over ``ece_bins`` equal-width bins, ``mean_confidence``, the reliability
-    table, and ``outputs.reliability``, a reliability-diagram PNG beside summary.json."""
+    table, and ``outputs.reliability``, a reliability-diagram PNG beside summary.json.
+
+    ``patches``: model patches (``[{"name": "pear", "coefficients": [...]}]``, see :mod:`rlkit.patches`) applied after
+    loading, so a patched model (PEAR, HoPE, ...) is measured without saving it first.
+
+    ``benchmark="mathhay:PATH"``: MathHay long-context items (a folder or jsonl from ``rlkit mathhay build``, or the
+    released JSON), greedy, with ``prompt_style`` (``short`` or ``released``; None: each item's own) and an
+    optional ``judge`` model for answers whose units or scale differ; ``max_new_tokens`` None means 32 with a
+    newline stop when every prompt is short, else 512; accuracy per task type x length x placement and ``mathhay.png`` (accuracy
+    against length). See :mod:`rlkit.eval.mathhay`."""
     from ..models import load_model, load_tokenizer
+
+    if benchmark.startswith("mathhay:"):
+        _check_mathhay(samples, decoder, select, calibration, idk_phrases, synthetic, backend, kv_cache, limit)
+        return _run_mathhay(model, benchmark.partition(":")[2], limit, max_new_tokens, batch_size, backend, dtype,
+                            kv_cache, vllm, output_dir, patches, prompt_style, judge)
 
     phrases = None
     if idk_phrases is not None:
@@ -259,8 +274,13 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
         from .select import load_selector
 
         selector = load_selector(select, dtype)  # before the policy loads: a wrong folder fails fast
-    mspec = ModelSpec(name=model, dtype=dtype)
+    mspec = ModelSpec(name=model, dtype=dtype, patches=list(patches or []))
     if backend == "vllm":
+        if patches:
+            from ..config import ConfigError
+
+            raise ConfigError("--patch needs --backend hf (vLLM loads the checkpoint itself): save the patched model "
+                              "first (a recipe stage with model.patches) and evaluate that folder")
         from ..models import BUILTIN_MODELS, builtin_path
         from ..rollout.settings import VLLMSettings
         from ..rollout.vllm import platform
@@ -306,6 +326,68 @@ def run_eval(model: str, benchmark: str, split: str = "test", limit: int | None 
     summary["model"] = model
     return _finish(summary, records, benchmark, split, backend, kv_cache, vllm if backend == "vllm" else None,
                    output_dir, Path(model).name, phrases, idk_lambda)
+
+
+def _check_mathhay(samples, decoder, select, calibration, idk_phrases, synthetic, backend, kv_cache, limit) -> None:
+    from ..config import ConfigError
+
+    given = [flag for flag, on in (("--samples", samples), ("--decoder " + decoder, decoder != "greedy"),
+                                   ("--select", select), ("--calibration", calibration),
+                                   ("--idk-phrases", idk_phrases), ("--synthetic", synthetic)) if on]
+    if given:
+        raise ConfigError(f"--benchmark mathhay: greedy answers only; drop {', '.join(given)}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {limit}")
+
+
+def _run_mathhay(model: str, path: str, limit, max_new_tokens, batch_size, backend, dtype, kv_cache, vllm,
+                 output_dir, patches, prompt_style, judge) -> dict:
+    """``--benchmark mathhay:PATH``: greedy answers to long-context items, scored numerically (and by ``judge``)."""
+    from ..config import ConfigError
+    from ..data.mathhay import MathHayError, load_mathhay
+    from ..models import load_model
+    from .mathhay import evaluate_mathhay, plot_mathhay
+
+    if not path:
+        raise ConfigError("--benchmark mathhay:PATH: give the items, e.g. mathhay:runs/mathhay (a folder or jsonl "
+                          "from `rlkit mathhay build`, or the released MathHay JSON)")
+    try:
+        rows = load_mathhay(path)
+    except MathHayError as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    rows = rows[:limit] if limit is not None else rows
+    _reject_tiny(model, judge)
+    lm, tokenizer = load_model(ModelSpec(name=model, dtype=dtype, patches=list(patches or [])))
+    import torch
+
+    if torch.cuda.is_available():
+        lm = lm.to("cuda")
+    short = all((prompt_style or r.get("style") or "released") == "short" for r in rows)
+    if max_new_tokens is None:
+        max_new_tokens = 32 if short else 512
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=0.0,
+                                  backend=backend, kv_cache=kv_cache, vllm=vllm, stop=["\n"] if short else [])
+    judge_lm = None
+    if judge is not None:
+        judge_lm = load_model(ModelSpec(name=judge, dtype=dtype)) if judge != model else (lm, tokenizer)
+    summary, records = evaluate_mathhay(lm, tokenizer, rows, settings, style=prompt_style, judge=judge_lm)
+    summary.update({"decoder": "greedy", "model": model, "patches": list(patches or []), "prompt_style": prompt_style,
+                    "judge": judge})
+    name = Path(model).name
+    result = _finish(summary, records, "mathhay:" + path, "test", backend, kv_cache,
+                     vllm if backend == "vllm" else None, output_dir, name)
+    curve = {int(k): v for k, v in (summary.get("by_length") or {}).items()}
+    if curve:
+        png = plot_mathhay({_config_label(kv_cache, patches): curve}, Path(result["outputs"]["summary"]).parent
+                           / "mathhay.png", title=f"{name} on MathHay")
+        result["outputs"]["plot"] = str(png)
+    return result
+
+
+def _config_label(kv_cache, patches) -> str:
+    parts = [kv_cache.kind if kv_cache is not None else "default cache"]
+    parts += [p["name"] for p in patches or []]
+    return " + ".join(parts)
 
 
 def _finish(summary: dict, records: list[dict], benchmark: str, split: str, backend: str, kv_cache, vllm,

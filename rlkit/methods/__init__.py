@@ -42,6 +42,7 @@ _BUILTIN: dict[str, str] = {
     "kd": "rlkit.methods.first.trainer",
     "manyshot_data": "rlkit.methods.manyshot_data",
     "dricl": "rlkit.methods.dricl",
+    "mathhay_build": "rlkit.methods.mathhay_build",
 }
 _METHODS: dict[str, type[Method]] = {}
 
