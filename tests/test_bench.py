@@ -255,3 +255,32 @@ def test_dricl_smoke(repo_root, tmp_path):
     for k in (0, 1, 5):  # the k the smoke preset evaluates
         for arm in ("base", "nll", "dricl"):
             assert 0 <= float(res[f"acc_{arm}_{k}"]) <= 1, res
+
+
+def test_mathhay_smoke(repo_root, tmp_path):
+    """bench/mathhay.py --smoke: items built in the tiny model's tokens, every configuration (default cache,
+    PolarQuant, ThinK per query head and per KV head, PEAR trained then applied as a patch) scored per length, key
+    bytes measured on the longest prompt, the plot written."""
+    out, res = _run_bench(repo_root, "mathhay.py", "--smoke", "--out", str(tmp_path))
+    for cfg in ("none", "polar", "think", "think_kv", "pear"):
+        for length in ("800", "1k"):
+            assert 0 <= float(res[f"acc_{cfg}_{length}"]) <= 1, res
+    nbytes = {cfg: int(res[f"bytes_{cfg}"]) for cfg in ("none", "polar", "think", "think_kv")}
+    assert nbytes["polar"] < nbytes["think_kv"] < nbytes["none"], nbytes  # 4-bit keys; ThinK keeps 60% of channels
+    assert float(res["bytes_ratio_none"]) == pytest.approx(1.0)
+    coefficients = json.loads((tmp_path / "pear_coefficients.json").read_text())["coefficients"]
+    assert coefficients and all(len(c) == 3 for c in coefficients)
+    assert int(res["items_per_length"]) == 3
+    assert (tmp_path / "mathhay.png").stat().st_size > 1000
+
+
+def test_samplers_smoke(repo_root, tmp_path):
+    """bench/samplers.py --smoke runs part (a) (SGLD vs SPS-SGLD vs SPS-MALA, d = 2) and part (b) (DDPM/DDIM/RTK) and
+    prints both parts' keys on one RESULT line."""
+    out, res = _run_bench(repo_root, "samplers.py", "--smoke", "--out", str(tmp_path))
+    for key in ("sps_grad_ratio_d2", "sps_sgld_grad_ratio_d2", "sps_mala_grad_ratio_d2", "eps_d2", "err_sgld_d2",
+                "rtk_nfe_ratio"):
+        assert key in res and (res[key] == "inf" or float(res[key]) >= 0), res
+    results = json.loads((tmp_path / "sps_results.json").read_text())
+    assert set(results["results"]["2"]["best"]) == {"sgld", "sps_sgld", "sps_mala"}
+    assert (tmp_path / "samplers_sps.png").stat().st_size > 0
