@@ -298,15 +298,18 @@ def plot_mathhay(curves: dict[str, dict[int, float]], path: str | Path, title: s
         raise MathHayError("plot_mathhay needs at least one curve")
     fig, ax = plt.subplots(figsize=(7, 4))
     lengths: set[int] = set()
-    for label, by_len in curves.items():
+    styles = ("o-", "s--", "^-.", "D:", "v-", "P--", "X-.", "*:")
+    for i, (label, by_len) in enumerate(curves.items()):
         xs = sorted(int(k) for k in by_len)
         lengths.update(xs)
         ys = [by_len[x] if x in by_len else by_len[str(x)] for x in xs]
-        ax.plot(xs, ys, "o-", label=label)
+        # distinct markers and dashes, and markers shrinking with i, so curves that coincide stay visible
+        ax.plot(xs, ys, styles[i % len(styles)], label=label, markersize=max(4, 11 - 1.5 * i), alpha=0.85)
     ax.set_xscale("log", base=2)
     ticks = sorted(lengths)
     ax.set_xticks(ticks)
-    ax.set_xticklabels([f"{x / 1000:g}K" if x >= 1000 else str(x) for x in ticks])
+    ax.set_xticklabels([f"{x // 1024}K" if x >= 1024 and x % 1024 == 0 else f"{x / 1000:g}K" if x >= 1000
+                        else str(x) for x in ticks])
     ax.set_xlabel("haystack length (tokens)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
