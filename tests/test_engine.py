@@ -16,6 +16,9 @@ import pytest
 import rlkit_rewards
 from rlkit_rewards import RewardEngine
 
+# Deadlines measured in wall-clock seconds: CI runs these alone, after the parallel pass (marker `serial`).
+pytestmark = pytest.mark.serial
+
 ITEM_TIMEOUT = 2.0
 
 

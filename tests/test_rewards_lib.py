@@ -300,6 +300,7 @@ def test_calibrated_rm_hf_model_id(tmp_path, char_tokenizer):
     assert out == f(prompts=["q", "q", [{"role": "user", "content": "q"}]], completions=comps, **TRAIN)
 
 
+@pytest.mark.serial  # wall-clock limits: CI runs it alone, after the parallel pass
 def test_costly_answers_are_rejected_in_process_quickly():
     """Model output is untrusted: answers far costlier than their gold (megabytes, deep nesting, power towers,
     huge exponents) are rejected before sympy sees them, in-process and fast; legitimate powers still verify."""
