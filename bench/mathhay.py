@@ -173,12 +173,26 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     ap.add_argument("--seed", type=int, default=0, help="seeds the items and PEAR's training data")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="haystack lengths (default: the preset's)")
+    ap.add_argument("--items", type=int, default=None, help="items per length x placement (default: the preset's)")
     add_out(ap, "output folder (default runs/bench_mathhay[_quick|_smoke])", type=Path)
     a = ap.parse_args()
     preset_name = preset_of(a)
-    preset = PRESETS[preset_name]
+    preset = dict(PRESETS[preset_name])
+    for key, value in (("lengths", a.lengths), ("items", a.items)):
+        if value is not None:
+            if min(value if isinstance(value, list) else [value]) < 1:
+                ap.error(f"--{key} must be positive")
+            preset[key] = tuple(value) if isinstance(value, list) else value
     out = (a.out or ROOT / "runs" / ("bench_mathhay" + ("" if preset_name == "full" else f"_{preset_name}"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    # results are cached per configuration: a folder holds one setting only
+    setting = {k: list(v) if isinstance(v, tuple) else v for k, v in preset.items() if k != "pear"}
+    setting["seed"] = a.seed
+    marker = out / "setting.json"
+    if marker.is_file() and json.loads(marker.read_text()) != setting:
+        ap.error(f"{out} holds a run with other settings ({marker}); give another --out")
+    marker.write_text(json.dumps(setting, indent=1))
     import torch
 
     if a.threads > 0:
