@@ -44,11 +44,11 @@ PRESETS = {
     "smoke": dict(model="tiny", lengths=(800, 1200), task_types=("lookup",), items=1, max_new_tokens=6, batch_size=3,
                   pear=dict(settings=((4, 8),), steps=1, batch_size=2, n=8, lr=0.05, eval_n=(8,), eval_samples=2)),
     "quick": dict(model="smollm2-135m-instruct", lengths=(1024, 2048, 4096, 8000), task_types=("lookup",), items=2,
-                  max_new_tokens=16, batch_size=2,
+                  max_new_tokens=32, batch_size=2,
                   pear=dict(settings=((8, 25), (16, 10)), steps=12, batch_size=6, n=25, lr=0.05, eval_n=(25,),
                             eval_samples=24)),
     "full": dict(model="smollm2-135m-instruct", lengths=(1024, 2048, 4096, 8000), task_types=("lookup", "sssd"),
-                 items=4, max_new_tokens=16, batch_size=2,
+                 items=4, max_new_tokens=32, batch_size=2,
                  pear=dict(settings=((20, 50), (40, 25), (80, 15), (100, 10)), steps=40, batch_size=8, n=25, lr=0.05,
                            eval_n=(10, 25, 50), eval_samples=32)),
 }
@@ -175,14 +175,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--lengths", type=int, nargs="+", default=None, help="haystack lengths (default: the preset's)")
     ap.add_argument("--items", type=int, default=None, help="items per length x placement (default: the preset's)")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="answer tokens (default: the preset's, 32: SmolLM2 often restates the sentence before the "
+                         "number, which takes 20-30 tokens)")
     add_out(ap, "output folder (default runs/bench_mathhay[_quick|_smoke])", type=Path)
     a = ap.parse_args()
     preset_name = preset_of(a)
     preset = dict(PRESETS[preset_name])
-    for key, value in (("lengths", a.lengths), ("items", a.items)):
+    for key, value in (("lengths", a.lengths), ("items", a.items), ("max_new_tokens", a.max_new_tokens)):
         if value is not None:
             if min(value if isinstance(value, list) else [value]) < 1:
-                ap.error(f"--{key} must be positive")
+                ap.error(f"--{key.replace('_', '-')} must be positive")
             preset[key] = tuple(value) if isinstance(value, list) else value
     out = (a.out or ROOT / "runs" / ("bench_mathhay" + ("" if preset_name == "full" else f"_{preset_name}"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
