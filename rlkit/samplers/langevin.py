@@ -89,6 +89,13 @@ def _check_steps(n_steps: int, record_every: int) -> None:
         raise ValueError(f"record_every must be an int >= 0, got {record_every!r}")
 
 
+def _positive(name: str, value: float) -> float:
+    """``value`` as a float, or a one-line ValueError naming ``name`` unless it is a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def _step_tensor(step: float | Tensor, x0: Tensor, name: str = "step") -> Tensor | float:
     """A positive float, or a tensor [n_chains] (one step size per chain) reshaped to [n_chains, 1]."""
     if isinstance(step, torch.Tensor):
@@ -101,9 +108,7 @@ def _step_tensor(step: float | Tensor, x0: Tensor, name: str = "step") -> Tensor
             if not bool((step > 0).all()):
                 raise ValueError(f"{name} must be > 0")
             return step.to(x0).reshape(-1, 1)
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0 or not math.isfinite(step):
-        raise ValueError(f"{name} must be a finite number > 0, got {step!r}")
-    return float(step)
+    return _positive(name, step)
 
 
 def _grad(grad_fn: GradFn, x: Tensor) -> Tensor:

@@ -58,7 +58,7 @@ from collections.abc import Callable
 import torch
 
 from rlkit.samplers.diffusion import ScoreFn, _check_time, _check_x, _score, ou_var, time_grid
-from rlkit.samplers.langevin import SampleResult, make_generator, mala, uld
+from rlkit.samplers.langevin import SampleResult, _positive, make_generator, mala, uld
 
 Tensor = torch.Tensor
 EnergyTFn = Callable[[Tensor, float], Tensor]
@@ -98,12 +98,6 @@ def rtk_nfe(n_segments: int, inner: str, inner_steps: int, quad_points: int = 0,
     else:
         raise ValueError(f"inner must be one of {INNER_SAMPLERS}, got {inner!r}")
     return n_segments * (per + extra)
-
-
-def _positive(name: str, v: float) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    return float(v)
 
 
 def _ball_projection(center: Tensor, radius: float) -> tuple[Callable[[Tensor], Tensor], list[int]]:

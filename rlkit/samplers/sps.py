@@ -42,7 +42,7 @@ from typing import Protocol
 
 import torch
 
-from rlkit.samplers.langevin import SampleResult, _check_steps, _check_x0, make_generator, mala, sgld
+from rlkit.samplers.langevin import SampleResult, _check_steps, _check_x0, _positive, make_generator, mala, sgld
 
 Tensor = torch.Tensor
 
@@ -88,12 +88,6 @@ def _full_idx(n: int, device) -> Tensor:
     return torch.arange(n, device=device)
 
 
-def _positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
 def sgld_minibatch(target: FiniteSum, x0: Tensor, step: float, n_steps: int, batch_size: int | None = None,
                    generator: torch.Generator | int | None = None, record_every: int = 0) -> SampleResult:
     """SGLD on ``f = (1/n) Σ f_i`` with a fresh minibatch of ``batch_size`` per chain at every step (None: full
@@ -121,7 +115,7 @@ def proximal_sampler(rgo: Callable[[Tensor, float, torch.Generator | None], Tens
     :meth:`rlkit.samplers.targets.Gaussian.rgo_sample`). ``n_grad`` is 0: an exact oracle is not counted."""
     _check_x0(x0)
     _check_steps(n_outer, record_every)
-    eta = _positive(eta, "eta")
+    eta = _positive("eta", eta)
     gen = make_generator(generator, x0.device)
     x, trace = x0.clone(), []
     for k in range(1, n_outer + 1):
@@ -145,7 +139,7 @@ def sps(target: FiniteSum | None, x0: Tensor, eta: float, n_outer: int, inner: s
     ``extra["accept_per_chain"]`` the per-chain acceptance."""
     _check_x0(x0)
     _check_steps(n_outer, record_every)
-    eta = _positive(eta, "eta")
+    eta = _positive("eta", eta)
     if inner not in ("sgld", "mala", "exact"):
         raise ValueError(f"inner must be 'sgld', 'mala' or 'exact', got {inner!r}")
     if init not in ("x", "y"):
@@ -161,7 +155,7 @@ def sps(target: FiniteSum | None, x0: Tensor, eta: float, n_outer: int, inner: s
     b = _check_batch(batch_size, n)
     if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
         raise ValueError(f"inner_steps must be an int >= 1, got {inner_steps!r}")
-    tau = _positive(inner_step, "inner_step")
+    tau = _positive("inner_step", inner_step)
     n_chains = x0.shape[0]
     full = _full_idx(n, x0.device)
     x, trace = x0.clone(), []
