@@ -27,6 +27,7 @@ length) and the wall time.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -160,11 +161,18 @@ def short(length: int) -> str:
     return f"{round(length / 1024)}k" if length >= 1000 else str(length)
 
 
-def plot(results: dict[str, dict], lengths, path: Path, title: str) -> None:
+def plot(results: dict[str, dict], path: Path, title: str) -> None:
     from rlkit.eval.mathhay import plot_mathhay
 
     curves = {name: {int(k): v for k, v in r["by_length"].items()} for name, r in results.items()}
     plot_mathhay(curves, path, title=title)
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return n
 
 
 def main() -> None:
@@ -173,20 +181,18 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     ap.add_argument("--seed", type=int, default=0, help="seeds the items and PEAR's training data")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="haystack lengths (default: the preset's)")
-    ap.add_argument("--items", type=int, default=None, help="items per length x placement (default: the preset's)")
-    ap.add_argument("--max-new-tokens", type=int, default=None,
+    ap.add_argument("--lengths", type=_positive_int, nargs="+", default=None,
+                    help="haystack lengths (default: the preset's)")
+    ap.add_argument("--items", type=_positive_int, default=None,
+                    help="items per length x placement (default: the preset's)")
+    ap.add_argument("--max-new-tokens", type=_positive_int, default=None,
                     help="answer tokens (default: the preset's, 32: SmolLM2 often restates the sentence before the "
                          "number, which takes 20-30 tokens)")
     add_out(ap, "output folder (default runs/bench_mathhay[_quick|_smoke])", type=Path)
     a = ap.parse_args()
     preset_name = preset_of(a)
-    preset = dict(PRESETS[preset_name])
-    for key, value in (("lengths", a.lengths), ("items", a.items), ("max_new_tokens", a.max_new_tokens)):
-        if value is not None:
-            if min(value if isinstance(value, list) else [value]) < 1:
-                ap.error(f"--{key.replace('_', '-')} must be positive")
-            preset[key] = tuple(value) if isinstance(value, list) else value
+    overrides = {"lengths": a.lengths and tuple(a.lengths), "items": a.items, "max_new_tokens": a.max_new_tokens}
+    preset = {**PRESETS[preset_name], **{k: v for k, v in overrides.items() if v is not None}}
     out = (a.out or ROOT / "runs" / ("bench_mathhay" + ("" if preset_name == "full" else f"_{preset_name}"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
     # results are cached per configuration: a folder holds one setting only
@@ -219,7 +225,7 @@ def main() -> None:
         model, tok = load(preset, patches=[{"name": "pear", "coefficients": coefficients}])
         results["pear"] = evaluate("pear", model, tok, rows, preset, out)
         print(f"pear: {results['pear']['by_length']}", flush=True)
-    plot(results, preset["lengths"], out / "mathhay.png",
+    plot(results, out / "mathhay.png",
          title=f"MathHay-style items, {preset['model']} ({', '.join(preset['task_types'])})")
     (out / "bytes.json").write_text(json.dumps(nbytes, indent=1))
     figures: dict = {}
