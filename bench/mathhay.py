@@ -16,8 +16,13 @@ placements (first, middle, last). Every configuration answers the same items gre
 HoPE changes a model only when it is trained with it, so it is not applied to SmolLM2 here. The key-cache bytes of
 each cache are measured on one prompt of the longest length after the prefill and the answer's decoding.
 
+Answers get 32 new tokens and stop at a newline: SmolLM2 often restates the question's sentence (20-30 tokens)
+before the number, and 16 tokens cut most first- and middle-placement answers off. Each configuration's results
+are cached in the output folder, so a killed run continues; ``setting.json`` ties a folder to one setting, and a
+run with other settings is refused. ``--lengths``, ``--items`` and ``--max-new-tokens`` override the preset.
+
     python bench/mathhay.py            # 1K-8K tokens; lookup + sssd; 4 items per length x placement (~4.5 h, 2 cores)
-    python bench/mathhay.py --quick    # 1K-8K tokens; lookup; 2 items per length x placement (~40 min, 2 cores)
+    python bench/mathhay.py --quick    # 1K-8K tokens; lookup; 2 items per length x placement (~42 min, 2 cores)
     python bench/mathhay.py --smoke    # seconds (tests): a tiny random model, two short lengths, the plumbing only
 
 Ends with ``RESULT acc_<config>_<L>=...`` for every configuration and length (``L`` as 1k, 2k, 4k, 8k), ``acc_<config>``
